@@ -1,0 +1,197 @@
+""" MASA attention projections.
+
+MASA keeps timm's `Attention` module (fused SDPA, qk-norm, dropout) and swaps its two projections, `qkv` and `proj`,
+for `AtomLinear` layers. An `AtomLinear` stacks its weight from parts (q, k, v for `qkv`; o for `proj`), each of
+which is either
+
+    * 'own':    a per-block weight, as in a dense ViT,
+    * 'shared': composed from the group's `AtomDictionary` (W = sum_s c[l, s] D_s),
+    * 'none':   no base weight (only the low-rank term below; the low-rank baseline),
+
+optionally plus a per-block low-rank term U V (the local refinement of a converted model, or the low-rank baseline).
+Biases always stay per block.
+
+Zero-overhead inference: in eval mode with gradients disabled, the composed weight is built once and reused until a
+parameter it depends on changes (tracked by tensor version counters and storage), the layer returns to train mode,
+or `clear_cache()` is called.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import trunc_normal_
+
+from .dictionary import AtomDictionary
+
+__all__ = ['AtomLinear', 'PART_BASES']
+
+PART_BASES = ('own', 'shared', 'none')
+
+
+_is_fx_symbolic_tracing = getattr(
+    torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
+
+
+def _is_tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or _is_fx_symbolic_tracing()
+
+
+class AtomLinear(nn.Module):
+    """Linear layer whose weight is stacked from per-block and dictionary-composed parts.
+
+    Args:
+        in_features: Input features.
+        part_features: Output features of each part; the layer has `len(parts) * part_features` outputs.
+        parts: Names of the parts in row order, e.g. ('q', 'k', 'v').
+        bases: Base of each part: 'own', 'shared' or 'none'.
+        bias: Add a per-block bias.
+        dictionary: The group's dictionary, for 'shared' parts (held by reference, not registered: the dictionary is
+            registered once on the model, so its tensors are stored once).
+        block: Index of this block within the dictionary's group.
+        lowrank: Rank of a per-block low-rank term U V per part name (0 or absent: none).
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            part_features: int,
+            parts: Sequence[str],
+            bases: Sequence[str],
+            bias: bool = True,
+            dictionary: Optional[AtomDictionary] = None,
+            block: int = 0,
+            lowrank: Optional[Dict[str, int]] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        assert len(parts) == len(bases), 'one base per part'
+        lowrank = {k: int(r) for k, r in (lowrank or {}).items() if r and k in parts}
+        for p, b in zip(parts, bases):
+            if b not in PART_BASES:
+                raise ValueError(f"part base must be one of {PART_BASES}, got {b!r}")
+            if b == 'none' and not lowrank.get(p):
+                raise ValueError(f"part {p!r} has no base weight and no low-rank term.")
+            if b == 'shared' and (dictionary is None or p not in dictionary.kinds):
+                raise ValueError(f"part {p!r} is shared but the dictionary does not hold it.")
+        self.in_features = in_features
+        self.part_features = part_features
+        self.out_features = part_features * len(parts)
+        self.parts = tuple(parts)
+        self.bases = tuple(bases)
+        self.block = block
+        # held by reference only: registering it here would store the shared atoms once per block
+        object.__setattr__(self, 'dictionary', dictionary)
+
+        num_own = sum(b == 'own' for b in bases)
+        self.weight = nn.Parameter(torch.empty(num_own * part_features, in_features, **dd)) if num_own else None
+        self.bias = nn.Parameter(torch.zeros(self.out_features, **dd)) if bias else None
+        self.lowrank = nn.ParameterDict()
+        for p, r in lowrank.items():
+            self.lowrank[f'{p}_u'] = nn.Parameter(torch.zeros(part_features, r, **dd))
+            self.lowrank[f'{p}_v'] = nn.Parameter(torch.zeros(r, in_features, **dd))
+        self.lowrank_ranks = dict(lowrank)
+        self._segments = self._build_segments()
+        self._cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self.init_weights()
+
+    def _build_segments(self) -> List[tuple]:
+        """Group consecutive parts that can be composed in one op: (base, lo, hi, lowrank part or None).
+
+        For 'own', [lo, hi) are rows of `self.weight`; for 'shared', kind indices in the dictionary.
+        """
+        segments = []
+        own_row = 0
+        for p, b in zip(self.parts, self.bases):
+            if b == 'own':
+                lo, hi = own_row, own_row + self.part_features
+                own_row = hi
+            elif b == 'shared':
+                lo = self.dictionary.kinds.index(p)
+                hi = lo + 1
+            else:
+                lo = hi = 0
+            lr = p if p in self.lowrank_ranks else None
+            prev = segments[-1] if segments else None
+            if lr is None and prev is not None and prev[3] is None and prev[0] == b and b != 'none' and prev[2] == lo:
+                segments[-1] = (b, prev[1], hi, None)
+            else:
+                segments.append((b, lo, hi, lr))
+        return segments
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """timm's dense init: trunc_normal(std) weights, zero bias; low-rank terms start at zero over a base weight,
+        or with a product of scale `std` when they are the only weight (low-rank baseline)."""
+        if self.weight is not None:
+            trunc_normal_(self.weight, std=std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        for p, b in zip(self.parts, self.bases):
+            if p not in self.lowrank_ranks:
+                continue
+            u, v = self.lowrank[f'{p}_u'], self.lowrank[f'{p}_v']
+            if b == 'none':
+                # (U V)_ij = sum_k U_ik V_kj has std r^0.5 * a * b = std for a = b = (std / r^0.5)^0.5
+                a = (std / self.lowrank_ranks[p] ** 0.5) ** 0.5
+                trunc_normal_(u, std=a, a=-2 * a, b=2 * a)
+                trunc_normal_(v, std=a, a=-2 * a, b=2 * a)
+            else:
+                trunc_normal_(u, std=std)
+                nn.init.zeros_(v)
+
+    def _compose(self) -> torch.Tensor:
+        pieces = []
+        for base, lo, hi, lr in self._segments:
+            if base == 'own':
+                w = self.weight[lo:hi]
+            elif base == 'shared':
+                w = self.dictionary.weight(self.block, lo, hi)
+            else:
+                w = None
+            if lr is not None:
+                delta = self.lowrank[f'{lr}_u'] @ self.lowrank[f'{lr}_v']
+                w = delta if w is None else w + delta
+            pieces.append(w)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    def _dependencies(self) -> List[torch.Tensor]:
+        deps = list(self.parameters())
+        if self.dictionary is not None:
+            deps += list(self.dictionary.parameters())
+        return deps
+
+    def composed_weight(self) -> torch.Tensor:
+        """The full (out, in) weight of this block, from the eval cache when that is valid."""
+        if self.training or torch.is_grad_enabled() or _is_tracing():
+            return self._compose()
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in self._dependencies())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._compose().contiguous())
+        return self._cache[1]
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_cache'] = None  # never pickle or deep-copy cached weights
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.composed_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        parts = ', '.join(f'{p}:{b}' + (f'+r{self.lowrank_ranks[p]}' if p in self.lowrank_ranks else '')
+                          for p, b in zip(self.parts, self.bases))
+        return f'in_features={self.in_features}, out_features={self.out_features}, parts=[{parts}], block={self.block}'

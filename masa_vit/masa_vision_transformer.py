@@ -1,0 +1,505 @@
+""" MASA Vision Transformer (ViT) in PyTorch, as a timm model family.
+
+A timm `VisionTransformer` whose attention projections (Q, K, V, O) are linear combinations of a small dictionary of
+matrix atoms shared across blocks:
+
+    W[p, l] = sum_s c[p, l, s] * D[p, s],   p in {q, k, v, o}, l = block, s = atom
+
+Paper:
+    * `Share Your Attention: Transformer Weight Sharing via Matrix-based Dictionary Learning`
+        - https://arxiv.org/abs/2508.04581 (Zhussip, Shopkhoev, Ali, Lefkimmiatis, AAAI 2026)
+    * `An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale`
+        - https://arxiv.org/abs/2010.11929
+
+Layout: the shared dictionaries live once on the model (`model.dictionaries[g]`, one per group of blocks); each
+block keeps timm's `Attention` and swaps its `qkv` / `proj` linears for `AtomLinear` layers holding what is per block
+(biases, unshared parts, low-rank refinement terms). Every tensor is stored once in `parameters()`, `state_dict()`
+and saved files (safetensors refuses duplicated tensors).
+
+Sharing methods (`sharing=`), all with the same attention parameter accounting (`count_params`):
+    * 'masa': the paper's method (default), with `coef='direct'` or the paper's training-time `coef='mlp'`.
+    * 'dense': the exact dense twin (a plain timm ViT with the same init recipe).
+    * 'sequential': S weight sets, consecutive blocks share one (Takase & Kiyono 2021).
+    * 'cycle': S weight sets, block l uses set l mod S (repeat-all-over).
+    * 'low_rank': each shared projection is a per-block rank-r product U V.
+"""
+import copy
+import logging
+import math
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+from .attention import AtomLinear
+from .dictionary import AtomDictionary, COEF_MODES
+
+__all__ = ['MasaVisionTransformer', 'to_dense', 'count_params', 'coefficient_matrices', 'checkpoint_filter_fn']
+
+_logger = logging.getLogger(__name__)
+
+ATTN_KINDS = ('q', 'k', 'v', 'o')
+SHARING_METHODS = ('masa', 'dense', 'sequential', 'cycle', 'low_rank')
+DICTIONARY_TYPES = ('separate', 'common')
+
+# timm's dense equivalents of the registered 224 px shapes (for to_dense and the pretrained tags)
+DENSE_EQUIVALENT = {
+    'masa_vit_tiny': 'vit_tiny_patch16_224',
+    'masa_vit_small': 'vit_small_patch16_224',
+    'masa_vit_base': 'vit_base_patch16_224',
+    'masa_vit_large': 'vit_large_patch16_224',
+}
+
+
+def parse_share(share: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """Parse a `share` spec ('qkvo', 'qkv', 'q,k', ['q', 'v']) into kinds in canonical q, k, v, o order."""
+    letters = ''.join(share).replace(',', '').replace(' ', '').lower() if share is not None else ''
+    unknown = sorted(set(letters) - set(ATTN_KINDS))
+    if unknown or not letters:
+        raise ValueError(
+            f"share={share!r} is invalid{' (unknown letters ' + repr(''.join(unknown)) + ')' if unknown else ''}: "
+            f"use a non-empty subset of 'q', 'k', 'v', 'o', e.g. share='qkvo' (all four) or share='qkv'.")
+    return tuple(k for k in ATTN_KINDS if k in letters)
+
+
+def resolve_groups(groups: Union[int, Sequence[int]], depth: int) -> List[Tuple[int, int]]:
+    """Turn `groups` (a count, or the start index of each group) into contiguous (start, stop) block ranges."""
+    if isinstance(groups, int) and not isinstance(groups, bool):
+        if not 1 <= groups <= depth:
+            raise ValueError(f"groups={groups} is out of range: it must be between 1 and depth={depth}.")
+        edges = [round(i * depth / groups) for i in range(groups + 1)]
+    else:
+        starts = [int(s) for s in groups]
+        if starts and starts[-1] == depth:
+            starts = starts[:-1]
+        ok = bool(starts) and starts[0] == 0 and all(a < b for a, b in zip(starts, starts[1:])) and starts[-1] < depth
+        if not ok:
+            raise ValueError(
+                f"groups={list(groups)} does not partition the {depth} blocks into contiguous groups: give the number "
+                f"of groups, or increasing start indices beginning at 0 and below {depth}, e.g. groups=[0, {depth // 2}].")
+        edges = starts + [depth]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class MasaVisionTransformer(VisionTransformer):
+    """Vision Transformer with attention weights shared through matrix atom dictionaries (MASA).
+
+    Takes every `timm.models.VisionTransformer` argument plus the sharing options below.
+    """
+
+    def __init__(
+            self,
+            sharing: str = 'masa',
+            num_atoms: Optional[Union[int, Sequence[int]]] = None,
+            share: Union[str, Sequence[str]] = 'qkvo',
+            dictionary: str = 'separate',
+            groups: Union[int, Sequence[int]] = 1,
+            coef: str = 'direct',
+            coef_embed_dim: int = 64,
+            coef_hidden_dim: int = 64,
+            refine_rank: Optional[Union[int, Dict[str, int]]] = None,
+            rank: Optional[int] = None,
+            **kwargs: Any,
+    ):
+        """
+        Args:
+            sharing: 'masa' (default), 'dense' (the dense twin), 'sequential', 'cycle' or 'low_rank'.
+            num_atoms: Atoms S per dictionary (per group: an int, or one int per group). Default: blocks in the
+                group // 3 (S = L/3 gives 66.7% fewer parameters in the shared projections).
+            share: Projections to share, any subset of 'qkvo' (default all four; 'qkv' keeps O per block).
+            dictionary: 'separate' (one dictionary per projection, default) or 'common' (one for all projections).
+            groups: Number of contiguous groups of blocks with their own dictionaries, or the start index of each.
+            coef: Coefficient parameterization, 'direct' (default) or 'mlp' (per-block embedding + shared 3-layer MLP,
+                the paper's training-time parameterization; `fold_coefficients()` turns it into 'direct').
+            coef_embed_dim: Embedding width for coef='mlp'.
+            coef_hidden_dim: Hidden width of the coefficient MLP for coef='mlp'.
+            refine_rank: Rank of a per-block low-rank term added to each shared projection (int, or per kind, e.g.
+                dict(q=32, k=16, v=16, o=32)); set by the training-free conversion (`masa_vit.from_dense`).
+            rank: Rank r of each projection for sharing='low_rank'. Default: the rank with MASA's budget at the same
+                S, r = d * S / (2 L) (d / 6 at S = L / 3).
+            **kwargs: timm VisionTransformer arguments (img_size, patch_size, embed_dim, depth, num_heads, ...).
+        """
+        embed_dim = kwargs.get('embed_dim', 768)
+        num_heads = kwargs.get('num_heads', 12)
+        depth = kwargs.get('depth', 12)
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}: pick num_heads that divides "
+                f"embed_dim (e.g. num_heads={max(h for h in range(1, num_heads + 1) if embed_dim % h == 0)}).")
+        if sharing not in SHARING_METHODS:
+            raise ValueError(f"sharing={sharing!r} is unknown: use one of {SHARING_METHODS}.")
+        if dictionary not in DICTIONARY_TYPES:
+            raise ValueError(f"dictionary={dictionary!r} is unknown: use one of {DICTIONARY_TYPES}.")
+        if coef not in ('direct', 'mlp'):
+            raise ValueError(f"coef={coef!r} is unknown: use 'direct' or 'mlp'.")
+        kinds = parse_share(share)
+        bounds = resolve_groups(groups, depth)
+        if num_atoms is None:
+            atoms_per_group = [max(1, (b - a) // 3) for a, b in bounds]
+        elif isinstance(num_atoms, int):
+            atoms_per_group = [num_atoms] * len(bounds)
+        else:
+            atoms_per_group = [int(s) for s in num_atoms]
+            if len(atoms_per_group) != len(bounds):
+                raise ValueError(
+                    f"num_atoms={list(num_atoms)} gives {len(atoms_per_group)} values for {len(bounds)} groups: "
+                    f"give one int, or one per group.")
+        if sharing in ('masa', 'sequential', 'cycle'):
+            for g, ((a, b), s) in enumerate(zip(bounds, atoms_per_group)):
+                if not 1 <= s <= b - a:
+                    raise ValueError(
+                        f"num_atoms={s} is out of range for group {g} (blocks {a}-{b - 1}): it must be between 1 and "
+                        f"{b - a}, the number of blocks in the group.")
+        if isinstance(refine_rank, int):
+            refine_rank = {k: refine_rank for k in kinds} if refine_rank > 0 else None
+        elif refine_rank:
+            bad = set(refine_rank) - set(ATTN_KINDS)
+            if bad:
+                raise ValueError(f"refine_rank has unknown projections {sorted(bad)}: use keys among 'q', 'k', 'v', 'o'.")
+            refine_rank = {k: int(r) for k, r in refine_rank.items() if r}
+        if sharing == 'low_rank':
+            if rank is None:
+                s0, l0 = atoms_per_group[0], bounds[0][1] - bounds[0][0]
+                rank = max(1, round(embed_dim * s0 / (2 * l0)))
+            if not 1 <= rank < embed_dim // 2:
+                raise ValueError(f"rank={rank} is out of range for sharing='low_rank': use 1 <= rank < {embed_dim // 2}.")
+
+        super().__init__(**kwargs)
+        self.sharing = sharing
+        self.share = ''.join(kinds) if sharing != 'dense' else ''
+        self.masa_kwargs = dict(
+            sharing=sharing, num_atoms=atoms_per_group if len(set(atoms_per_group)) > 1 else atoms_per_group[0],
+            share=''.join(kinds), dictionary=dictionary, groups=[a for a, _ in bounds], coef=coef,
+        )
+        if coef == 'mlp':
+            self.masa_kwargs.update(coef_embed_dim=coef_embed_dim, coef_hidden_dim=coef_hidden_dim)
+        if refine_rank:
+            self.masa_kwargs['refine_rank'] = dict(refine_rank)
+        if sharing == 'low_rank':
+            self.masa_kwargs['rank'] = rank
+        self._vit_kwargs = dict(kwargs)
+        self.group_bounds = bounds
+        self.dictionaries = nn.ModuleList()
+        if sharing == 'dense':
+            self._masa_built = True
+            return
+
+        dd = {'device': self.cls_token.device if self.cls_token is not None else None,
+              'dtype': self.patch_embed.proj.weight.dtype}
+        qkv_bias = kwargs.get('qkv_bias', True)
+        proj_bias = kwargs.get('proj_bias', True)
+        for (a, b), num_s in zip(bounds, atoms_per_group):
+            group_len = b - a
+            dictionary_module = None
+            if sharing != 'low_rank':
+                assign = None
+                if sharing == 'sequential':
+                    assign = [l * num_s // group_len for l in range(group_len)]
+                elif sharing == 'cycle':
+                    assign = [l % num_s for l in range(group_len)]
+                dictionary_module = AtomDictionary(
+                    kinds, group_len, num_s, embed_dim, embed_dim,
+                    common=dictionary == 'common',
+                    coef=coef if sharing == 'masa' else 'select',
+                    assign=assign,
+                    coef_embed_dim=coef_embed_dim,
+                    coef_hidden_dim=coef_hidden_dim,
+                    **dd,
+                )
+                self.dictionaries.append(dictionary_module)
+            shared_base = 'none' if sharing == 'low_rank' else 'shared'
+            lowrank = {k: rank for k in kinds} if sharing == 'low_rank' else (refine_rank or {})
+            for l in range(a, b):
+                attn = self.blocks[l].attn
+                attn.qkv = AtomLinear(
+                    embed_dim, embed_dim, ('q', 'k', 'v'),
+                    [shared_base if k in kinds else 'own' for k in 'qkv'],
+                    bias=qkv_bias, dictionary=dictionary_module, block=l - a, lowrank=lowrank, **dd)
+                attn.proj = AtomLinear(
+                    embed_dim, embed_dim, ('o',), [shared_base if 'o' in kinds else 'own'],
+                    bias=proj_bias, dictionary=dictionary_module, block=l - a, lowrank=lowrank, **dd)
+        self._masa_built = True
+        if self.fix_init:
+            self.fix_init_weight()
+        self.register_load_state_dict_pre_hook(_check_not_dense_checkpoint)
+
+    @torch.no_grad()
+    def fix_init_weight(self) -> None:
+        """timm's init fix (scale each block's output projections by 1 / sqrt(2 (l + 1))), on composed weights."""
+        if not getattr(self, '_masa_built', False):
+            return  # called from VisionTransformer.__init__ before the shared layers exist; applied once built
+        for layer_id, blk in enumerate(self.blocks):
+            scale = math.sqrt(2.0 * (layer_id + 1))
+            proj = blk.attn.proj
+            if isinstance(proj, AtomLinear):
+                _scale_atom_linear_(proj, 1.0 / scale)
+            else:
+                proj.weight.div_(scale)
+            blk.mlp.fc2.weight.div_(scale)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """timm's no-decay set plus every dictionary coefficient parameter (direct or MLP-produced)."""
+        nwd = set(super().no_weight_decay())
+        for n, _ in self.dictionaries.named_parameters():
+            if not n.split('.')[1] == 'atoms':
+                nwd.add(f'dictionaries.{n}')
+        return nwd
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        """timm's ViT grouping; each group's dictionary joins the group of its first block.
+
+        The atoms feed every block of their group; with layer-wise lr decay they get the scale of the group's
+        earliest block, the most conservative of the scales of the blocks that use them.
+        """
+        dict_rules = [(rf'^dictionaries\.{g}\.', (a,)) for g, (a, _) in enumerate(self.group_bounds)]
+        return dict(
+            stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre',
+            blocks=dict_rules + [(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    def fold_coefficients(self) -> 'MasaVisionTransformer':
+        """Replace each coefficient MLP by the fixed coefficient matrix it produces (coef='mlp' -> 'direct').
+
+        The outputs do not change; the folded model's state dict loads into a model built with coef='direct'.
+        """
+        for d in self.dictionaries:
+            d.fold()
+        for m in self.modules():
+            if isinstance(m, AtomLinear):
+                m.clear_cache()
+        if self.masa_kwargs.get('coef') == 'mlp':
+            self.masa_kwargs['coef'] = 'direct'
+            self.masa_kwargs.pop('coef_embed_dim', None)
+            self.masa_kwargs.pop('coef_hidden_dim', None)
+        return self
+
+    def clear_cache(self) -> None:
+        """Drop the cached eval-mode weights (they are rebuilt on the next eval forward)."""
+        for m in self.modules():
+            if isinstance(m, AtomLinear):
+                m.clear_cache()
+
+
+def _scale_atom_linear_(layer: AtomLinear, factor: float) -> None:
+    """Scale the composed weight of one block's `AtomLinear` in place (own rows, low-rank U, or its coefficients)."""
+    if layer.weight is not None:
+        layer.weight.mul_(factor)
+    for p, b in zip(layer.parts, layer.bases):
+        if p in layer.lowrank_ranks:
+            layer.lowrank[f'{p}_u'].mul_(factor)
+        if b == 'shared':
+            d = layer.dictionary
+            if d.coef_mode != 'direct':
+                raise ValueError(
+                    f"fix_init=True needs per-block coefficients to scale the shared '{p}' projection; "
+                    f"it is not available with coef='{d.coef_mode}'. Use coef='direct' or fix_init=False.")
+            d.coef[d.kinds.index(p), layer.block].mul_(factor)
+    layer.clear_cache()
+
+
+def _check_not_dense_checkpoint(module, state_dict, prefix, *args, **kwargs) -> None:
+    """load_state_dict pre-hook: refuse a dense ViT state dict with a pointer to the conversion API."""
+    if not len(module.dictionaries) or any(k.startswith(prefix + 'dictionaries.') for k in state_dict):
+        return
+    w = state_dict.get(prefix + 'blocks.0.attn.qkv.weight')
+    if w is not None and tuple(w.shape) == (3 * module.embed_dim, module.embed_dim):
+        raise ValueError(
+            "This state dict holds dense attention weights (blocks.*.attn.qkv.weight of full shape) and no shared "
+            "dictionaries: it is a dense ViT checkpoint, not a MASA one. Convert it instead of loading it: "
+            "masa_vit.from_dense(dense_model, ...) or timm.create_model('<masa model>', pretrained=True, "
+            "pretrained_cfg_overlay=dict(file='<dense checkpoint>')), which converts while loading.")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, '_orig_mod', model)  # torch.compile
+    return getattr(model, 'module', model)  # DDP
+
+
+@torch.no_grad()
+def to_dense(model: MasaVisionTransformer) -> VisionTransformer:
+    """Export a MASA model to a plain timm `VisionTransformer` with the composed weights (same outputs).
+
+    The result's state dict loads into `timm.create_model('vit_...')` of the same shape.
+    """
+    model = _unwrap(model)
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"to_dense expects a MASA VisionTransformer, got {type(model).__name__}.")
+    ref = next(model.parameters())
+    vit_kwargs = dict(getattr(model, '_vit_kwargs', {}), weight_init='skip')
+    dense = VisionTransformer(**vit_kwargs).to(device=ref.device, dtype=ref.dtype)
+    atom_params = set()
+    for m in model.modules():
+        if isinstance(m, AtomLinear):
+            atom_params.update(id(p) for p in m.parameters() if p is not m.bias)
+    atom_params.update(id(p) for p in model.dictionaries.parameters()) if hasattr(model, 'dictionaries') else None
+    state = {}
+    for name, p in model.state_dict(keep_vars=True).items():
+        if id(p) not in atom_params:
+            state[name] = p.detach()
+    for name, m in model.named_modules():
+        if isinstance(m, AtomLinear):
+            state[f'{name}.weight'] = m._compose().detach()
+    dense.load_state_dict(state, strict=True)
+    dense.pretrained_cfg = copy.deepcopy(getattr(model, 'pretrained_cfg', {}))
+    arch = DENSE_EQUIVALENT.get(dense.pretrained_cfg.get('architecture', ''))
+    if arch is not None:
+        dense.pretrained_cfg['architecture'] = arch
+    dense.train(model.training)
+    return dense
+
+
+def count_params(model: nn.Module) -> Dict[str, Union[int, float]]:
+    """Parameter counts every tool reports: total, attention (what attention keeps: per-block parameters, shared
+    atoms, coefficients, refinement terms), attention_dense (the dense twin's attention) and their compression."""
+    model = _unwrap(model)
+    total = sum(p.numel() for p in model.parameters())
+    attention = attention_dense = 0
+    for blk in getattr(model, 'blocks', []):
+        for m in blk.attn.modules():
+            own = sum(p.numel() for p in m.parameters(recurse=False))
+            attention += own
+            if isinstance(m, AtomLinear):
+                attention_dense += m.out_features * m.in_features + (m.bias.numel() if m.bias is not None else 0)
+            else:
+                attention_dense += own
+    attention += sum(p.numel() for p in getattr(model, 'dictionaries', nn.ModuleList()).parameters())
+    return dict(
+        total=total,
+        attention=attention,
+        attention_dense=attention_dense,
+        attention_compression=1.0 - attention / attention_dense if attention_dense else 0.0,
+    )
+
+
+@torch.no_grad()
+def coefficient_matrices(model: nn.Module) -> List[Dict[str, Any]]:
+    """The coefficient matrix C (blocks x atoms) of every shared projection, for inspection and logging.
+
+    Returns a list of dicts: name (projection kind, e.g. 'q'), group, blocks (model block indices) and coef
+    (float32 CPU tensor of shape (blocks in group, atoms)). Empty for models without dictionaries.
+    """
+    model = _unwrap(model)
+    out = []
+    for g, d in enumerate(getattr(model, 'dictionaries', [])):
+        a, b = model.group_bounds[g]
+        c = d.coefficients().detach().float().cpu()
+        for i, kind in enumerate(d.kinds):
+            out.append(dict(name=kind, group=g, blocks=list(range(a, b)), coef=c[i].clone()))
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MasaVisionTransformer) -> Dict[str, torch.Tensor]:
+    """Adapt a checkpoint to `model`: timm's ViT filter (pos embed / patch embed resizing, foreign layouts), then,
+    when the checkpoint is a dense ViT and the model shares attention, the training-free conversion (Matrix PCA).
+    Pure: returns a new dict and leaves `state_dict` untouched."""
+    state_dict = vit_checkpoint_filter_fn(dict(state_dict), model)
+    has_dictionaries = any(k.startswith('dictionaries.') for k in state_dict)
+    if len(getattr(model, 'dictionaries', [])) or getattr(model, 'sharing', 'dense') == 'low_rank':
+        if not has_dictionaries and 'blocks.0.attn.qkv.weight' in state_dict and \
+                state_dict['blocks.0.attn.qkv.weight'].shape[0] == 3 * model.embed_dim:
+            from .conversion import convert_state_dict
+            state_dict = convert_state_dict(state_dict, model)
+    return state_dict
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': 0.9,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+def _cfg_32(**kwargs) -> Dict[str, Any]:
+    # CIFAR-100 statistics; 32 px inputs, no center crop
+    return _cfg(
+        num_classes=100, input_size=(3, 32, 32), crop_pct=1.0, interpolation='bilinear',
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'masa_vit_tiny': _cfg(),
+    'masa_vit_small': _cfg(),
+    'masa_vit_base': _cfg(),
+    'masa_vit_large': _cfg(),
+    'masa_vit_nano_patch4_32': _cfg_32(),
+    'masa_vit_micro_patch4_32': _cfg_32(),
+    'masa_vit_microd_patch4_32': _cfg_32(),
+})
+
+
+def _create_masa_vit(variant: str, pretrained: bool = False, **kwargs) -> MasaVisionTransformer:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        MasaVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+@register_model
+def masa_vit_tiny(pretrained: bool = False, **kwargs) -> MasaVisionTransformer:
+    """ MASA ViT-Tiny/16 @ 224 (shape of timm's vit_tiny_patch16_224), MASA-QKVO, S = 4 by default."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_masa_vit('masa_vit_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def masa_vit_small(pretrained: bool = False, **kwargs) -> MasaVisionTransformer:
+    """ MASA ViT-Small/16 @ 224 (shape of timm's vit_small_patch16_224), MASA-QKVO, S = 4 by default."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_masa_vit('masa_vit_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def masa_vit_base(pretrained: bool = False, **kwargs) -> MasaVisionTransformer:
+    """ MASA ViT-Base/16 @ 224 (shape of timm's vit_base_patch16_224), MASA-QKVO, S = 4 by default."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_masa_vit('masa_vit_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def masa_vit_large(pretrained: bool = False, **kwargs) -> MasaVisionTransformer:
+    """ MASA ViT-Large/16 @ 224 (shape of timm's vit_large_patch16_224), MASA-QKVO, S = 8 by default."""
+    model_args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+    return _create_masa_vit('masa_vit_large', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def masa_vit_nano_patch4_32(pretrained: bool = False, **kwargs) -> MasaVisionTransformer:
+    """ MASA ViT @ 32 px, hidden 64, 12 blocks, 4 heads, MLP 256: the paper's small CIFAR/TinyImageNet shape."""
+    model_args = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=4, mlp_ratio=4.)
+    return _create_masa_vit('masa_vit_nano_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def masa_vit_micro_patch4_32(pretrained: bool = False, **kwargs) -> MasaVisionTransformer:
+    """ MASA ViT @ 32 px, hidden 256, 12 blocks, 8 heads, MLP 1024: the paper's 4x-wide CIFAR shape."""
+    model_args = dict(img_size=32, patch_size=4, embed_dim=256, depth=12, num_heads=8, mlp_ratio=4.)
+    return _create_masa_vit('masa_vit_micro_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def masa_vit_microd_patch4_32(pretrained: bool = False, **kwargs) -> MasaVisionTransformer:
+    """ MASA ViT @ 32 px, hidden 256, 24 blocks, 8 heads, MLP 1024: the paper's deep CIFAR shape ('d' = deeper)."""
+    model_args = dict(img_size=32, patch_size=4, embed_dim=256, depth=24, num_heads=8, mlp_ratio=4.)
+    return _create_masa_vit('masa_vit_microd_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
