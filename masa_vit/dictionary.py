@@ -130,19 +130,23 @@ class AtomDictionary(nn.Module):
         """
         trunc_normal_(self.atoms, std=std)
         with torch.no_grad():
+            if self.coef_mode == 'select':
+                return
+            c = torch.randn(self.num_kinds, self.num_blocks, self.num_atoms, device=self.atoms.device)
+            c = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-6)
             if self.coef_mode == 'direct':
-                c = torch.randn_like(self.coef)
-                self.coef.copy_(c / c.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-            elif self.coef_mode == 'mlp':
-                mlp = self.coef_mlp
-                nn.init.normal_(mlp.embed, std=1.0)
-                for fc in (mlp.fc1, mlp.fc2, mlp.fc3):
-                    nn.init.kaiming_normal_(fc.weight, nonlinearity='linear')
-                    nn.init.zeros_(fc.bias)
-                # rescale the last layer so that coefficient rows have unit RMS norm, as in the 'direct' init
-                c = mlp().view(self.num_blocks, self.num_kinds, self.num_atoms)
-                rms = c.norm(dim=-1).pow(2).mean().sqrt().clamp_min(1e-6)
-                mlp.fc3.weight.div_(rms)
+                self.coef.copy_(c)
+                return
+            # 'mlp': random embeddings and hidden layers; the last layer is solved by least squares so that the MLP
+            # starts out producing the same unit-norm coefficient rows as the 'direct' init
+            mlp = self.coef_mlp
+            nn.init.normal_(mlp.embed, std=1.0)
+            for fc in (mlp.fc1, mlp.fc2, mlp.fc3):
+                nn.init.kaiming_normal_(fc.weight, nonlinearity='linear')
+                nn.init.zeros_(fc.bias)
+            h = mlp.act(mlp.fc2(mlp.act(mlp.fc1(mlp.embed)))).double()  # (L, hidden)
+            target = c.transpose(0, 1).reshape(self.num_blocks, -1).double()  # (L, P * S)
+            mlp.fc3.weight.copy_((torch.linalg.pinv(h) @ target).T.to(mlp.fc3.weight))
 
     def coefficients(self) -> torch.Tensor:
         """The coefficient tensor C of shape (P, L, S) (one-hot rows for coef='select')."""

@@ -157,9 +157,11 @@ class MasaVisionTransformer(VisionTransformer):
         if isinstance(refine_rank, int):
             refine_rank = {k: refine_rank for k in kinds} if refine_rank > 0 else None
         elif refine_rank:
-            bad = set(refine_rank) - set(ATTN_KINDS)
+            bad = set(refine_rank) - set(kinds)
             if bad:
-                raise ValueError(f"refine_rank has unknown projections {sorted(bad)}: use keys among 'q', 'k', 'v', 'o'.")
+                raise ValueError(
+                    f"refine_rank has unknown or unshared projections {sorted(bad)}: use keys among the shared "
+                    f"projections {''.join(kinds)!r}.")
             refine_rank = {k: int(r) for k, r in refine_rank.items() if r}
         if sharing == 'low_rank':
             if rank is None:
@@ -215,17 +217,27 @@ class MasaVisionTransformer(VisionTransformer):
             lowrank = {k: rank for k in kinds} if sharing == 'low_rank' else (refine_rank or {})
             for l in range(a, b):
                 attn = self.blocks[l].attn
-                attn.qkv = AtomLinear(
-                    embed_dim, embed_dim, ('q', 'k', 'v'),
-                    [shared_base if k in kinds else 'own' for k in 'qkv'],
-                    bias=qkv_bias, dictionary=dictionary_module, block=l - a, lowrank=lowrank, **dd)
-                attn.proj = AtomLinear(
-                    embed_dim, embed_dim, ('o',), [shared_base if 'o' in kinds else 'own'],
-                    bias=proj_bias, dictionary=dictionary_module, block=l - a, lowrank=lowrank, **dd)
+                qkv_bases = [shared_base if k in kinds else 'own' for k in 'qkv']
+                if qkv_bases != ['own'] * 3:
+                    attn.qkv = AtomLinear(
+                        embed_dim, embed_dim, ('q', 'k', 'v'), qkv_bases,
+                        bias=qkv_bias, dictionary=dictionary_module, block=l - a, lowrank=lowrank, **dd)
+                if 'o' in kinds:  # otherwise O stays timm's per-block nn.Linear
+                    attn.proj = AtomLinear(
+                        embed_dim, embed_dim, ('o',), [shared_base],
+                        bias=proj_bias, dictionary=dictionary_module, block=l - a, lowrank=lowrank, **dd)
         self._masa_built = True
         if self.fix_init:
             self.fix_init_weight()
         self.register_load_state_dict_pre_hook(_check_not_dense_checkpoint)
+
+    def __prepare_scriptable__(self) -> 'MasaVisionTransformer':
+        if len(self.dictionaries) or any(isinstance(m, AtomLinear) for m in self.modules()):
+            raise RuntimeError(
+                "torch.jit.script cannot compile a MASA model: the shared atoms are stored once on the model and each "
+                "block reaches them by reference, which TorchScript (deprecated by PyTorch) cannot follow. Use "
+                "torch.compile or torch.export, or script the dense export: torch.jit.script(masa_vit.to_dense(model)).")
+        return self
 
     @torch.no_grad()
     def fix_init_weight(self) -> None:

@@ -1,0 +1,902 @@
+""" Training-free conversion of a pretrained timm ViT into a MASA ViT.
+
+`Share Your Attention: Transformer Weight Sharing via Matrix-based Dictionary Learning`
+    - https://arxiv.org/abs/2508.04581 (Zhussip, Shopkhoev, Ali, Lefkimmiatis, AAAI 2026), "Pretrained models"
+
+The paper's training-free path (shown there on LLMs), brought to timm's `VisionTransformer`:
+
+1. Calibration (optional): images run through the dense model; per block the input autocorrelation X^T X of the
+   `qkv` and `proj` linears, and each block's token state mapped through the model's own final norm and head to a
+   class distribution.
+2. Grouping: an int or explicit group starts, or 'auto': cut the stack where the KL divergence between consecutive
+   blocks' class distributions is largest.
+3. Matrix PCA per projection kind per group (`matrix_pca.matrix_pca`, closed form through the L x L Gram matrix).
+4. Local refinement: the residual W - W^ of every shared projection, whitened with the Cholesky factor of the
+   layer's X^T X, is approximated at low rank and kept as the block's low-rank term (`AtomLinear.lowrank`). One rank
+   per role (Q/K/V/O) for all blocks, allocated greedily by whitened residual energy under the attention budget.
+5. A report: per block and projection the relative reconstruction error (weights, and outputs on calibration data),
+   parameters before/after, and top-1 / agreement / KL of dense vs converted on calibration or held-out images.
+
+`convert_state_dict` is the pure, data-free part (dense state dict in, MASA state dict out); the model's
+`checkpoint_filter_fn` calls it so that `timm.create_model('masa_vit_*', pretrained=True)` converts while loading.
+`svd_from_dense` builds the same-budget per-layer truncated SVD / whitened SVD (SVD-LLM) baselines.
+"""
+import copy
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import LayerScale
+from timm.models import VisionTransformer
+
+from .attention import AtomLinear
+from .masa_vision_transformer import MasaVisionTransformer, count_params, resolve_groups, to_dense, parse_share
+from .matrix_pca import (
+    allocate_ranks, cholesky_factor, kl_group_starts, layer_kl_drift, matrix_pca, matrix_pca_common,
+    truncated_svd, whitened_lowrank,
+)
+
+__all__ = [
+    'from_dense', 'svd_from_dense', 'convert_state_dict', 'collect_calibration', 'CalibrationStats',
+    'vit_kwargs_from_dense', 'evaluate_agreement', 'report_to_markdown',
+]
+
+_logger = logging.getLogger(__name__)
+
+KINDS = ('q', 'k', 'v', 'o')
+_LAYER_PARTS = (('qkv', ('q', 'k', 'v')), ('proj', ('o',)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model plumbing
+# ---------------------------------------------------------------------------------------------------
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, '_orig_mod', model)  # torch.compile
+    return getattr(model, 'module', model)  # DDP
+
+
+def _check_dense_vit(model: nn.Module) -> VisionTransformer:
+    model = _unwrap(model)
+    if isinstance(model, MasaVisionTransformer) and model.sharing != 'dense':
+        raise TypeError('from_dense expects a dense timm VisionTransformer; this model already shares attention '
+                        f"(sharing={model.sharing!r}). Use masa_vit.to_dense(model) first to re-convert it.")
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            f'from_dense expects a timm VisionTransformer (e.g. timm.create_model("vit_base_patch16_224")), '
+            f'got {type(model).__name__}, which is not a ViT.')
+    for i, blk in enumerate(model.blocks):
+        attn = getattr(blk, 'attn', None)
+        if not (isinstance(getattr(attn, 'qkv', None), nn.Linear) and isinstance(getattr(attn, 'proj', None), nn.Linear)):
+            raise TypeError(
+                f'block {i} of this {type(model).__name__} has no fused attn.qkv / attn.proj linear layers; '
+                'only timm ViTs with standard Attention can be converted.')
+    return model
+
+
+def vit_kwargs_from_dense(model: nn.Module) -> Dict[str, Any]:
+    """The `VisionTransformer` constructor arguments that rebuild `model`'s architecture (a timm ViT keeps none).
+
+    `from_dense` checks the rebuilt model module by module against the original and refuses to convert when they
+    differ, so a variant this inference does not know raises instead of converting silently wrong.
+    """
+    model = _check_dense_vit(model)
+    if hasattr(model, '_vit_kwargs'):  # a MasaVisionTransformer(sharing='dense') knows its own arguments
+        return dict(model._vit_kwargs)
+    blk = model.blocks[0]
+    pe = model.patch_embed
+    norm = blk.norm1
+    norm_layer = type(norm)
+    eps = getattr(norm, 'eps', None)
+    if eps is not None and eps != 1e-6:
+        norm_layer = functools.partial(norm_layer, eps=eps)
+    act = getattr(blk.mlp, 'act', None)
+    act_layer = None
+    if act is not None:
+        act_layer = 'gelu_tanh' if isinstance(act, nn.GELU) and act.approximate == 'tanh' else type(act)
+    hidden = blk.mlp.fc1.out_features if hasattr(blk.mlp, 'fc1') else None
+    kwargs = dict(
+        img_size=tuple(pe.img_size) if pe.img_size is not None else None,
+        patch_size=tuple(pe.patch_size),
+        in_chans=pe.proj.in_channels,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=blk.attn.num_heads,
+        qkv_bias=blk.attn.qkv.bias is not None,
+        qk_norm=not isinstance(blk.attn.q_norm, nn.Identity),
+        scale_attn_norm=not isinstance(getattr(blk.attn, 'norm', nn.Identity()), nn.Identity),
+        scale_mlp_norm=not isinstance(getattr(blk.mlp, 'norm', nn.Identity()), nn.Identity),
+        proj_bias=blk.attn.proj.bias is not None,
+        init_values=1e-5 if isinstance(blk.ls1, LayerScale) else None,
+        class_token=model.cls_token is not None,
+        pos_embed='learn' if model.pos_embed is not None else 'none',
+        no_embed_class=model.no_embed_class,
+        reg_tokens=model.num_reg_tokens,
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        pool_include_prefix=model.pool_include_prefix,
+        dynamic_img_size=model.dynamic_img_size,
+        dynamic_img_pad=getattr(pe, 'dynamic_img_pad', False),
+        embed_layer=type(pe),
+        norm_layer=norm_layer,
+        act_layer=act_layer,
+        block_fn=type(blk),
+        mlp_layer=type(blk.mlp),
+    )
+    if hidden is not None:
+        kwargs['mlp_ratio'] = hidden / model.embed_dim
+    if getattr(pe, 'norm', None) is not None and not isinstance(pe.norm, nn.Identity):
+        kwargs['embed_norm_layer'] = type(pe.norm)
+    return kwargs
+
+
+def _build_masa(vit_kwargs: Mapping[str, Any], masa_kwargs: Mapping[str, Any], dtype=None) -> MasaVisionTransformer:
+    # weights are all overwritten by the conversion; skip timm's init of the dense part
+    model = MasaVisionTransformer(**dict(vit_kwargs, weight_init='skip'), **masa_kwargs)
+    return model.to(dtype=dtype) if dtype is not None else model
+
+
+def _check_same_architecture(dense: nn.Module, masa: nn.Module) -> None:
+    """Raise when the rebuilt MASA model differs from the dense one anywhere but the attention projections."""
+    masa_modules = dict(masa.named_modules())
+    masa_state = masa.state_dict()
+    problems = []
+    for name, m in dense.named_modules():
+        if '.attn.qkv' in name or '.attn.proj' in name or not name:
+            continue
+        other = masa_modules.get(name)
+        if other is None:
+            problems.append(f'{name}: missing')
+        elif type(other) is not type(m) or other.extra_repr() != m.extra_repr():
+            problems.append(f'{name}: {type(m).__name__}({m.extra_repr()}) vs {type(other).__name__}({other.extra_repr()})')
+    for k, v in dense.state_dict().items():
+        if '.attn.qkv.' in k or '.attn.proj.' in k:
+            continue
+        if k not in masa_state or masa_state[k].shape != v.shape:
+            problems.append(f'{k}: {tuple(v.shape)} vs {tuple(masa_state[k].shape) if k in masa_state else "missing"}')
+    if problems:
+        raise ValueError(
+            'cannot rebuild this ViT variant as a MASA model; the rebuilt model differs in '
+            + '; '.join(problems[:5]) + (f' (+{len(problems) - 5} more)' if len(problems) > 5 else ''))
+
+
+def _attention_layers(model: nn.Module) -> List[Tuple[int, str, str, nn.Module, Tuple[str, ...]]]:
+    """(block index, state-dict name, layer name, module, part kinds) of every attention projection."""
+    out = []
+    for i, blk in enumerate(model.blocks):
+        for lname, kinds in _LAYER_PARTS:
+            out.append((i, f'blocks.{i}.attn.{lname}', lname, getattr(blk.attn, lname), kinds))
+    return out
+
+
+def _dense_attention_weights(
+        state_dict: Mapping[str, torch.Tensor], model: nn.Module,
+) -> Dict[Tuple[int, str], torch.Tensor]:
+    """Per (block, kind) the dense (out, in) weight as float64, with shape checks against `model`."""
+    weights, problems = {}, []
+    for i, name, _, layer, kinds in _attention_layers(model):
+        key = f'{name}.weight'
+        if isinstance(layer, AtomLinear):
+            pf, fin = layer.part_features, layer.in_features
+        else:
+            pf, fin = layer.weight.shape[0] // len(kinds), layer.weight.shape[1]
+        expected = (pf * len(kinds), fin)
+        w = state_dict.get(key)
+        if w is None:
+            problems.append(f'{key} is missing')
+            continue
+        if tuple(w.shape) != expected:
+            problems.append(f'{key} has shape {tuple(w.shape)}, the model needs {expected}')
+            continue
+        for j, kind in enumerate(kinds):
+            weights[(i, kind)] = w[j * pf:(j + 1) * pf].detach().to('cpu', torch.float64)
+    if problems:
+        raise ValueError(
+            f'the checkpoint does not fit this model (depth {len(model.blocks)}, embed_dim {model.embed_dim}): '
+            + '; '.join(problems[:4]) + (f' (+{len(problems) - 4} more)' if len(problems) > 4 else '')
+            + '. Is it a checkpoint of a different ViT size?')
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pure conversion: dense state dict -> MASA state dict
+# ---------------------------------------------------------------------------------------------------
+
+def _fit_dictionaries(
+        model: MasaVisionTransformer, weights: Mapping[Tuple[int, str], torch.Tensor],
+) -> Tuple[Dict[str, torch.Tensor], Dict[Tuple[int, str], torch.Tensor]]:
+    """Matrix PCA (or, for 'select' dictionaries, per-set means) of every group; returns state entries and the
+    composed (block, kind) weights W^ in float64."""
+    state, composed = {}, {}
+    for g, (d, (a, b)) in enumerate(zip(model.dictionaries, model.group_bounds)):
+        prefix = f'dictionaries.{g}.'
+        num_blocks = b - a
+        stacks = [torch.stack([weights[(a + l, kind)] for l in range(num_blocks)]) for kind in d.kinds]  # P x (L, o, i)
+        if d.num_atoms > num_blocks:
+            raise ValueError(f'num_atoms={d.num_atoms} is larger than group {g} (blocks {a}-{b - 1}, {num_blocks} blocks)')
+        if d.coef_mode == 'mlp':
+            raise ValueError("the training-free conversion fills coefficient matrices: build the model with "
+                             "coef='direct' (fold an 'mlp' model with fold_coefficients() after fine-tuning).")
+        if d.coef_mode == 'select':
+            # sequential / cycle sharing: the best single matrix for a set of layers is their mean
+            atoms = torch.zeros(d.num_kinds, d.num_atoms, *stacks[0].shape[1:], dtype=torch.float64)
+            for s in range(d.num_atoms):
+                members = [l for l in range(num_blocks) if d.assign[l] == s]
+                for p, stack in enumerate(stacks):
+                    atoms[p, s] = stack[members].mean(0)
+            for p, kind in enumerate(d.kinds):
+                for l in range(num_blocks):
+                    composed[(a + l, kind)] = atoms[p, d.assign[l]]
+            state[prefix + 'atoms'] = atoms
+            continue
+        if d.common:
+            atoms, coef = matrix_pca_common(stacks, d.num_atoms)  # (S, o, i), (P, L, S)
+            for p, kind in enumerate(d.kinds):
+                rec = torch.einsum('ls,soi->loi', coef[p], atoms)
+                for l in range(num_blocks):
+                    composed[(a + l, kind)] = rec[l]
+            atoms = atoms[None]
+        else:
+            per_kind = [matrix_pca(stack, d.num_atoms) for stack in stacks]
+            atoms = torch.stack([at for at, _ in per_kind])  # (P, S, o, i)
+            coef = torch.stack([c for _, c in per_kind])  # (P, L, S)
+            for p, kind in enumerate(d.kinds):
+                rec = torch.einsum('ls,soi->loi', coef[p], atoms[p])
+                for l in range(num_blocks):
+                    composed[(a + l, kind)] = rec[l]
+        state[prefix + 'atoms'] = atoms
+        state[prefix + 'coef'] = coef
+    return state, composed
+
+
+def convert_state_dict(
+        dense_state_dict: Mapping[str, torch.Tensor],
+        masa_model: nn.Module,
+        whitening: Optional[Mapping[str, torch.Tensor]] = None,
+) -> Dict[str, torch.Tensor]:
+    """Convert a dense timm ViT state dict into a state dict for `masa_model` (pure: inputs are not modified).
+
+    Every entry that is not an attention projection weight passes through unchanged (so timm's loader can still
+    drop or adapt the classifier). Shared projections get Matrix PCA atoms and coefficients per group; own
+    projections keep their dense rows; low-rank terms (refinement, or the 'low_rank' baseline) get the truncated SVD
+    of the residual W - W^, data-aware when a Cholesky factor of the layer's input autocorrelation is given.
+
+    Args:
+        dense_state_dict: A dense `VisionTransformer` state dict (after timm's own checkpoint filter).
+        masa_model: The target `MasaVisionTransformer`; only its structure is read.
+        whitening: Optional layer name ('blocks.3.attn.qkv') -> lower Cholesky factor (in, in) of its inputs'
+            X^T X; without it the low-rank terms are the plain truncated SVD of the residual.
+
+    Returns:
+        A new state dict that `masa_model.load_state_dict(..., strict=True)` accepts (given a matching head).
+    """
+    model = _unwrap(masa_model)
+    weights = _dense_attention_weights(dense_state_dict, model)
+    layers = _attention_layers(model)
+    replaced = {f'{name}.weight' for _, name, _, layer, _ in layers if isinstance(layer, AtomLinear)}
+    out = {k: v for k, v in dense_state_dict.items() if k not in replaced}
+    ref_dtype = next(iter(dense_state_dict.values())).dtype
+    dict_state, composed = _fit_dictionaries(model, weights)
+    out.update({k: v.to(ref_dtype) for k, v in dict_state.items()})
+
+    for i, name, _, layer, kinds in layers:
+        if not isinstance(layer, AtomLinear):
+            continue
+        dtype = dense_state_dict[f'{name}.weight'].dtype
+        own = [weights[(i, p)] for p, base in zip(layer.parts, layer.bases) if base == 'own']
+        if own:
+            out[f'{name}.weight'] = torch.cat(own).to(dtype)
+        chol = whitening.get(name) if whitening is not None else None
+        for p, base in zip(layer.parts, layer.bases):
+            rank = layer.lowrank_ranks.get(p)
+            if not rank:
+                continue
+            target = weights[(i, p)]
+            if base == 'shared':
+                resid = target - composed[(i, p)]
+            elif base == 'own':
+                resid = torch.zeros_like(target)
+            else:
+                resid = target
+            if not bool(resid.any()):
+                u = torch.zeros(target.shape[0], rank, dtype=torch.float64)
+                v = torch.zeros(rank, target.shape[1], dtype=torch.float64)
+            elif chol is not None:
+                u, v = whitened_lowrank(resid, None, rank, chol=chol)
+            else:
+                u, v = truncated_svd(resid, rank)
+            out[f'{name}.lowrank.{p}_u'] = u.to(dtype)
+            out[f'{name}.lowrank.{p}_v'] = v.to(dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class CalibrationStats:
+    """What the conversion needs from calibration images, gathered in one pass of the dense model.
+
+    Attributes:
+        xtx: layer name ('blocks.3.attn.qkv', 'blocks.3.attn.proj') -> X^T X of its inputs, float64 (in, in).
+        block_logits: (L, N, C) logits of each block's token state through the model's final norm and head.
+        logits: (N, C) the dense model's logits.
+        targets: (N,) labels when the batches carried them, else None.
+        num_images: N; num_tokens: rows summed into each X^T X.
+    """
+    xtx: Dict[str, torch.Tensor] = field(default_factory=dict)
+    block_logits: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    targets: Optional[torch.Tensor] = None
+    num_images: int = 0
+    num_tokens: int = 0
+
+    def cholesky(self, damping: float = 1e-2) -> Dict[str, torch.Tensor]:
+        """Lower Cholesky factors of every X^T X (damped where needed, see `matrix_pca.cholesky_factor`)."""
+        return {k: cholesky_factor(v, damping) for k, v in self.xtx.items()}
+
+
+def _split_batch(batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        target = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], target
+    if isinstance(batch, Mapping) and 'image' in batch:
+        return batch['image'], batch.get('label')
+    raise TypeError(f'calibration batches must be image tensors or (images, targets) pairs, got {type(batch).__name__}')
+
+
+def _iter_batches(data: Iterable, max_batches: Optional[int] = None):
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    for n, batch in enumerate(data):
+        if max_batches is not None and n >= max_batches:
+            break
+        yield _split_batch(batch)
+
+
+@torch.no_grad()
+def collect_calibration(
+        model: nn.Module,
+        calib: Iterable,
+        max_batches: Optional[int] = None,
+        block_logits: bool = True,
+) -> CalibrationStats:
+    """Run calibration images through a dense ViT and gather `CalibrationStats`.
+
+    Args:
+        model: A timm `VisionTransformer` (any with blocks[i].attn.qkv / .proj linears).
+        calib: An iterable of image batches (a DataLoader or a list of tensors / (images, targets) pairs), or one
+            tensor of images.
+        max_batches: Use at most this many batches.
+        block_logits: Also map every block's token state through the final norm and head (for KL grouping).
+    """
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    stats = CalibrationStats()
+    per_block: List[List[torch.Tensor]] = [[] for _ in model.blocks]
+    logits, targets = [], []
+    handles = []
+
+    def add_xtx(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            acc = stats.xtx.get(name)
+            stats.xtx[name] = x.T @ x if acc is None else acc + x.T @ x
+            if name.endswith('.0.attn.qkv'):
+                stats.num_tokens += x.shape[0]
+        return hook
+
+    def block_out(i):
+        def hook(module, args, output):
+            per_block[i].append(model.forward_head(model.norm(output)).float().cpu())
+        return hook
+
+    try:
+        for i, name, lname, layer, _ in _attention_layers(model):
+            handles.append(layer.register_forward_pre_hook(add_xtx(name)))
+        if block_logits:
+            for i, blk in enumerate(model.blocks):
+                handles.append(blk.register_forward_hook(block_out(i)))
+        for x, y in _iter_batches(calib, max_batches):
+            out = model(x.to(device=device, dtype=dtype))
+            logits.append(out.float().cpu())
+            if y is not None:
+                targets.append(y.cpu())
+            stats.num_images += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if stats.num_images == 0:
+        raise ValueError('the calibration data yielded no images')
+    stats.xtx = {k: v.cpu() for k, v in stats.xtx.items()}
+    stats.logits = torch.cat(logits)
+    if block_logits:
+        stats.block_logits = torch.stack([torch.cat(b) for b in per_block])
+    if targets and len(targets) == len(logits):
+        stats.targets = torch.cat(targets)
+    _logger.info('calibration: %d images, %d tokens per layer', stats.num_images, stats.num_tokens)
+    return stats
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, data: Iterable, max_batches: Optional[int] = None):
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    p = next(model.parameters())
+    logits, targets = [], []
+    try:
+        for x, y in _iter_batches(data, max_batches):
+            logits.append(model(x.to(device=p.device, dtype=p.dtype)).float().cpu())
+            if y is not None:
+                targets.append(y.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), (torch.cat(targets) if targets and len(targets) == len(logits) else None)
+
+
+def _compare_logits(dense_logits: torch.Tensor, logits: torch.Tensor, targets: Optional[torch.Tensor]) -> Dict[str, Any]:
+    logp_d = F.log_softmax(dense_logits.double(), -1)
+    logp_m = F.log_softmax(logits.double(), -1)
+    pred_d, pred_m = dense_logits.argmax(-1), logits.argmax(-1)
+    out = dict(
+        num_images=int(logits.shape[0]),
+        agreement=float((pred_d == pred_m).double().mean()),
+        mean_kl=float((logp_d.exp() * (logp_d - logp_m)).sum(-1).mean()),
+    )
+    if targets is not None:
+        out['top1_dense'] = float((pred_d == targets).double().mean())
+        out['top1'] = float((pred_m == targets).double().mean())
+        out['top1_kept'] = out['top1'] / out['top1_dense'] if out['top1_dense'] > 0 else float('nan')
+    return out
+
+
+def evaluate_agreement(
+        dense_model: nn.Module, model: nn.Module, data: Iterable, max_batches: Optional[int] = None,
+        dense_logits: Optional[torch.Tensor] = None,
+) -> Dict[str, Any]:
+    """Top-1 of both models (when the data has labels), top-1 agreement and mean KL(dense || model) of the logits."""
+    logits, targets = _predict(model, data, max_batches)
+    if dense_logits is None:
+        dense_logits, _ = _predict(dense_model, data, max_batches)
+    return _compare_logits(dense_logits, logits, targets)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Budget planning
+# ---------------------------------------------------------------------------------------------------
+
+def _atom_cost(num_kinds: int, common: bool, num_atoms: int, group_len: int, d_out: int, d_in: int) -> int:
+    atoms = (1 if common else num_kinds) * num_atoms * d_out * d_in
+    return atoms + num_kinds * group_len * num_atoms
+
+
+def _atom_configs(bounds: Sequence[Tuple[int, int]]) -> List[List[int]]:
+    """Candidate atoms per group: the same fraction S/L in every group, S = 1..L of the largest group."""
+    lmax = max(b - a for a, b in bounds)
+    configs = []
+    for s in range(1, lmax + 1):
+        cfg = [min(b - a, max(1, round(s * (b - a) / lmax))) for a, b in bounds]
+        if cfg not in configs:
+            configs.append(cfg)
+    return configs
+
+
+def _residual_spectra(
+        weights: Mapping[Tuple[int, str], torch.Tensor],
+        bounds: Sequence[Tuple[int, int]],
+        kinds: Sequence[str],
+        common: bool,
+        atoms_per_group: Sequence[int],
+        chol: Optional[Mapping[str, torch.Tensor]],
+) -> Dict[str, torch.Tensor]:
+    """Per role the singular values (L, k) of each block's (whitened) Matrix PCA residual."""
+    rows: Dict[str, List[torch.Tensor]] = {k: [] for k in kinds}
+    for (a, b), s in zip(bounds, atoms_per_group):
+        stacks = [torch.stack([weights[(l, k)] for l in range(a, b)]) for k in kinds]
+        if common:
+            atoms, coef = matrix_pca_common(stacks, s)
+            recs = [torch.einsum('ls,soi->loi', coef[p], atoms) for p in range(len(kinds))]
+        else:
+            recs = []
+            for k, stack in zip(kinds, stacks):
+                atoms, coef = matrix_pca(stack, s)
+                recs.append(torch.einsum('ls,soi->loi', coef, atoms))
+        for k, stack, rec in zip(kinds, stacks, recs):
+            for l in range(b - a):
+                r = stack[l] - rec[l]
+                c = chol.get(_layer_of(a + l, k)) if chol is not None else None
+                if c is not None:
+                    r = r @ c
+                # float32 is plenty to rank candidates and is several times faster than float64 on CPU
+                rows[k].append(torch.linalg.svdvals(r.float()).double())
+    return {k: torch.stack(v) for k, v in rows.items()}
+
+
+def _layer_of(block: int, kind: str) -> str:
+    return f'blocks.{block}.attn.' + ('proj' if kind == 'o' else 'qkv')
+
+
+def _whitened_energy(weights, kinds, depth, chol) -> Dict[str, float]:
+    energy = {}
+    for k in kinds:
+        e = 0.0
+        for l in range(depth):
+            w = weights[(l, k)]
+            c = chol.get(_layer_of(l, k)) if chol is not None else None
+            e += float((w @ c).square().sum()) if c is not None else float(w.square().sum())
+        energy[k] = e
+    return energy
+
+
+def _plan(
+        weights: Mapping[Tuple[int, str], torch.Tensor],
+        bounds: Sequence[Tuple[int, int]],
+        kinds: Sequence[str],
+        common: bool,
+        dim: int,
+        fixed: int,
+        budget: Optional[int],
+        num_atoms: Optional[Sequence[int]],
+        refine: bool,
+        refine_rank: Optional[Union[int, Mapping[str, int]]],
+        chol: Optional[Mapping[str, torch.Tensor]],
+        rank_step: int,
+) -> Dict[str, Any]:
+    """Choose atoms per group and refinement ranks per role for the attention parameter budget."""
+    depth = bounds[-1][1]
+    num_kinds = len(kinds)
+    rank_cost = {k: depth * 2 * dim for k in kinds}
+
+    def atoms_params(cfg):
+        return sum(_atom_cost(num_kinds, common, s, b - a, dim, dim) for (a, b), s in zip(bounds, cfg))
+
+    configs = [list(num_atoms)] if num_atoms is not None else _atom_configs(bounds)
+    if budget is not None:
+        feasible = [c for c in configs if fixed + atoms_params(c) <= budget]
+        if not feasible:
+            least = fixed + atoms_params(configs[0])
+            raise ValueError(
+                f'the attention budget ({budget} parameters) is too small: {configs[0]} atom(s) per group alone keep '
+                f'{least} parameters. Ask for less compression, fewer groups or share fewer projections.')
+    else:
+        feasible = configs
+    normalizer = _whitened_energy(weights, kinds, depth, chol) if refine else None
+    candidates = []
+    if not refine:
+        best = max(feasible, key=atoms_params)
+        return dict(num_atoms=best, refine_rank=None, candidates=candidates)
+    if budget is None:
+        if refine_rank is None:
+            raise ValueError('refine=True without attn_compression needs refine_rank (an int or a dict per projection)')
+        ranks = {k: refine_rank for k in kinds} if isinstance(refine_rank, int) else dict(refine_rank)
+        return dict(num_atoms=feasible[0], refine_rank=ranks, candidates=candidates)
+    best = None
+    for cfg in feasible:
+        spectra = _residual_spectra(weights, bounds, kinds, common, cfg, chol)
+        left = budget - fixed - atoms_params(cfg)
+        ranks = allocate_ranks(spectra, left, rank_cost, step=rank_step, normalize=normalizer)
+        score = sum(float(spectra[k][:, ranks[k]:].square().sum()) / normalizer[k] for k in kinds)
+        base = sum(float(spectra[k].square().sum()) / normalizer[k] for k in kinds)
+        cand = dict(num_atoms=cfg, refine_rank=ranks, score=score / num_kinds, pca_only=base / num_kinds,
+                    params=fixed + atoms_params(cfg) + sum(ranks[k] * rank_cost[k] for k in kinds))
+        candidates.append(cand)
+        _logger.debug('plan candidate %s', cand)
+        if best is None or cand['score'] < best['score']:
+            best = cand
+    return dict(num_atoms=best['num_atoms'], refine_rank=best['refine_rank'], candidates=candidates)
+
+
+# ---------------------------------------------------------------------------------------------------
+# from_dense
+# ---------------------------------------------------------------------------------------------------
+
+def from_dense(
+        dense_model: nn.Module,
+        attn_compression: Optional[float] = None,
+        num_atoms: Optional[Union[int, Sequence[int]]] = None,
+        groups: Union[int, str, Sequence[int]] = 1,
+        calib: Optional[Iterable] = None,
+        refine: Optional[bool] = None,
+        refine_rank: Optional[Union[int, Mapping[str, int]]] = None,
+        share: str = 'qkvo',
+        dictionary: str = 'separate',
+        auto_groups: int = 2,
+        min_group_size: int = 2,
+        max_calib_batches: Optional[int] = None,
+        eval_data: Optional[Iterable] = None,
+        max_eval_batches: Optional[int] = None,
+        rank_step: int = 1,
+        damping: float = 1e-2,
+) -> MasaVisionTransformer:
+    """Convert a pretrained dense timm ViT into a MASA ViT without training.
+
+    The result has the dense model's shape, head and non-attention weights; its attention is Matrix PCA atoms and
+    coefficients per group (plus per-block whitened low-rank refinement terms when `refine`). The conversion report
+    (a dict, see `report_to_markdown`) is attached as `model.conversion_report`.
+
+    Args:
+        dense_model: A timm `VisionTransformer`.
+        attn_compression: Target fraction of attention parameters removed (e.g. 0.2), counting everything attention
+            keeps (atoms, coefficients, biases, refinement terms; `count_params`). The result never exceeds it.
+        num_atoms: Atoms per group (int or one per group) instead of, or together with, `attn_compression`.
+        groups: Number of contiguous groups, their start indices, or 'auto' (KL-drift cuts on calibration images
+            into `auto_groups` groups of at least `min_group_size` blocks).
+        calib: Calibration images: a DataLoader, a list of tensors or (images, targets) pairs, or one tensor.
+        refine: Add whitened low-rank refinement terms. Default: when `calib` is given and either
+            `attn_compression` or `refine_rank` is.
+        refine_rank: Explicit refinement rank (int, or per projection) instead of the budget allocation.
+        share: Projections to share ('qkvo', 'qkv', ...); the rest stay per block, unchanged.
+        dictionary: 'separate' (one dictionary per projection) or 'common'.
+        max_calib_batches: Use at most this many calibration batches.
+        eval_data: Held-out (images, targets) batches for the report; default: the calibration data.
+        rank_step: Rank granularity of the allocation.
+        damping: Cholesky damping (times the mean diagonal) when X^T X is singular.
+    """
+    t0 = time.perf_counter()
+    dense = _check_dense_vit(dense_model)
+    if attn_compression is None and num_atoms is None:
+        raise ValueError('give attn_compression (e.g. 0.2) or num_atoms (atoms per group)')
+    if attn_compression is not None and not 0.0 <= attn_compression < 1.0:
+        raise ValueError(f'attn_compression must be in [0, 1), got {attn_compression}')
+    if refine is None:
+        refine = calib is not None and (attn_compression is not None or refine_rank is not None)
+    kinds = parse_share(share)
+    depth = len(dense.blocks)
+    dim = dense.embed_dim
+    p = next(dense.parameters())
+    device, dtype = p.device, p.dtype
+
+    vit_kwargs = vit_kwargs_from_dense(dense)
+    dense_state = {k: v.detach().cpu() for k, v in dense.state_dict().items()}
+    weights = _dense_attention_weights(dense_state, dense)
+
+    stats = None
+    if calib is not None:
+        stats = collect_calibration(dense, calib, max_batches=max_calib_batches, block_logits=groups == 'auto')
+    chol = stats.cholesky(damping) if stats is not None else None
+    if refine and chol is None:
+        _logger.warning('refine without calibration data: low-rank terms are the plain (unwhitened) truncated SVD')
+
+    drift = None
+    if isinstance(groups, str):
+        if groups != 'auto':
+            raise ValueError(f"groups must be an int, a list of start indices or 'auto', got {groups!r}")
+        if stats is None:
+            raise ValueError("groups='auto' needs calibration images (calib=...) to measure the KL drift")
+        drift = layer_kl_drift(stats.block_logits)
+        groups = kl_group_starts(drift, depth, num_groups=auto_groups, min_group_size=min_group_size)
+        _logger.info('KL drift between blocks %s -> group starts %s', [round(float(x), 4) for x in drift], groups)
+    bounds = resolve_groups(groups, depth)
+    if num_atoms is not None:
+        num_atoms = [num_atoms] * len(bounds) if isinstance(num_atoms, int) else [int(s) for s in num_atoms]
+        if len(num_atoms) != len(bounds):
+            raise ValueError(f'num_atoms gives {len(num_atoms)} values for {len(bounds)} groups')
+        for g, ((a, b), s) in enumerate(zip(bounds, num_atoms)):
+            if not 1 <= s <= b - a:
+                raise ValueError(f'num_atoms={s} is larger than group {g} (blocks {a}-{b - 1} hold {b - a} layers); '
+                                 f'S must be between 1 and the number of blocks in its group')
+
+    dense_counts = count_params(dense)
+    attn_dense = dense_counts['attention']
+    fixed = attn_dense - len(kinds) * depth * dim * dim  # what stays per block: biases, unshared projections, norms
+    budget = math.floor((1.0 - attn_compression) * attn_dense) if attn_compression is not None else None
+    plan = _plan(weights, bounds, kinds, dictionary == 'common', dim, fixed, budget, num_atoms, refine,
+                 refine_rank, chol, rank_step)
+    ranks = {k: r for k, r in (plan['refine_rank'] or {}).items() if r} or None
+    masa_kwargs = dict(sharing='masa', num_atoms=plan['num_atoms'], share=''.join(kinds), dictionary=dictionary,
+                       groups=[a for a, _ in bounds], coef='direct', refine_rank=ranks)
+    t_plan = time.perf_counter()
+
+    model = _build_masa(vit_kwargs, masa_kwargs)
+    _check_same_architecture(dense, model)
+    state = convert_state_dict(dense_state, model, whitening=chol)
+    model.load_state_dict(state, strict=True)
+    model.pretrained_cfg = copy.deepcopy(getattr(dense, 'pretrained_cfg', {}))
+    model = model.to(device=device, dtype=dtype).train(dense.training)
+    t_convert = time.perf_counter()
+
+    # the dense count comes from the dense model itself: count_params(model)['attention_dense'] also counts the
+    # low-rank terms (they live in a ParameterDict submodule), which would overstate the compression
+    counts = count_params(model)
+    if budget is not None and counts['attention'] > budget:
+        raise AssertionError(f'conversion exceeded its budget: {counts["attention"]} > {budget}')
+    report = dict(
+        method='matrix_pca' + ('+refine' if ranks else ''),
+        config=dict(masa_kwargs, groups=[a for a, _ in bounds], share=''.join(kinds)),
+        target_attn_compression=attn_compression,
+        params=dict(
+            total_dense=dense_counts['total'], total=counts['total'], attention_dense=attn_dense,
+            attention=counts['attention'], attention_budget=budget,
+            attention_compression=1.0 - counts['attention'] / attn_dense,
+            breakdown=_param_breakdown(model),
+        ),
+        calibration=dict(num_images=stats.num_images, num_tokens=stats.num_tokens) if stats else None,
+        kl_drift=[float(x) for x in drift] if drift is not None else None,
+        plan_candidates=plan['candidates'],
+        layers=_layer_errors(dense_state, model, weights, chol),
+        seconds=dict(plan=t_plan - t0, convert=t_convert - t_plan),
+    )
+    data = eval_data if eval_data is not None else calib
+    if data is not None:
+        dense_logits = stats.logits if (eval_data is None and stats is not None and max_eval_batches is None
+                                        and max_calib_batches is None) else None
+        report['eval'] = evaluate_agreement(dense, model, data, max_eval_batches or max_calib_batches,
+                                            dense_logits=dense_logits)
+        report['eval']['data'] = 'held-out' if eval_data is not None else 'calibration'
+    report['seconds']['total'] = time.perf_counter() - t0
+    model.conversion_report = report
+    _logger.info('converted: attention %d -> %d parameters (%.1f%% compression), atoms %s, ranks %s, %.1fs',
+                 attn_dense, counts['attention'], 100 * report['params']['attention_compression'], plan['num_atoms'], ranks,
+                 report['seconds']['total'])
+    return model
+
+
+def _param_breakdown(model: MasaVisionTransformer) -> Dict[str, int]:
+    out = dict(atoms=0, coef=0, lowrank=0, per_block=0)
+    for n, p in model.dictionaries.named_parameters():
+        out['atoms' if n.endswith('atoms') else 'coef'] += p.numel()
+    for blk in model.blocks:
+        for n, p in blk.attn.named_parameters():
+            out['lowrank' if '.lowrank.' in n else 'per_block'] += p.numel()
+    return out
+
+
+@torch.no_grad()
+def _layer_errors(
+        dense_state: Mapping[str, torch.Tensor],
+        model: nn.Module,
+        weights: Mapping[Tuple[int, str], torch.Tensor],
+        chol: Optional[Mapping[str, torch.Tensor]],
+) -> List[Dict[str, Any]]:
+    """Per block and projection: relative weight error and (with calibration) relative output error."""
+    rows = []
+    for i, name, lname, layer, kinds in _attention_layers(model):
+        w_hat = (layer.composed_weight() if isinstance(layer, AtomLinear) else layer.weight).detach().cpu().double()
+        pf = w_hat.shape[0] // len(kinds)
+        c = chol.get(name) if chol is not None else None
+        for j, kind in enumerate(kinds):
+            w = weights[(i, kind)]
+            diff = w - w_hat[j * pf:(j + 1) * pf]
+            row = dict(block=i, proj=kind, rel_error=float(diff.norm() / w.norm().clamp_min(1e-30)))
+            if c is not None:
+                row['rel_output_error'] = float((diff @ c).norm() / (w @ c).norm().clamp_min(1e-30))
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Same-budget SVD baselines
+# ---------------------------------------------------------------------------------------------------
+
+def lowrank_rank_for_budget(dense_model: nn.Module, attn_compression: float, share: str = 'qkvo') -> int:
+    """The largest per-projection rank r whose low-rank attention fits the budget of `attn_compression`."""
+    dense = _check_dense_vit(dense_model)
+    kinds = parse_share(share)
+    depth, dim = len(dense.blocks), dense.embed_dim
+    attn_dense = count_params(dense)['attention']
+    fixed = attn_dense - len(kinds) * depth * dim * dim
+    budget = math.floor((1.0 - attn_compression) * attn_dense)
+    return (budget - fixed) // (len(kinds) * depth * 2 * dim)
+
+
+def svd_from_dense(
+        dense_model: nn.Module,
+        attn_compression: Optional[float] = None,
+        rank: Optional[int] = None,
+        calib: Optional[Iterable] = None,
+        share: str = 'qkvo',
+        max_calib_batches: Optional[int] = None,
+        stats: Optional[CalibrationStats] = None,
+        damping: float = 1e-2,
+) -> MasaVisionTransformer:
+    """Same-budget baselines: every shared projection replaced by its per-layer rank-r factorization U V.
+
+    Plain truncated SVD without calibration data; with `calib` (or precomputed `stats`), the data-aware whitened SVD
+    of SVD-LLM (Wang et al. 2024, https://arxiv.org/abs/2403.07378). Returns a `MasaVisionTransformer` with
+    sharing='low_rank' (so `count_params` counts it like MASA) and the report as `model.conversion_report`.
+    """
+    dense = _check_dense_vit(dense_model)
+    if rank is None:
+        if attn_compression is None:
+            raise ValueError('give attn_compression or rank')
+        rank = lowrank_rank_for_budget(dense, attn_compression, share)
+    if rank < 1:
+        raise ValueError(f'attn_compression={attn_compression} leaves no room for a rank-1 factorization')
+    if stats is None and calib is not None:
+        stats = collect_calibration(dense, calib, max_batches=max_calib_batches, block_logits=False)
+    chol = stats.cholesky(damping) if stats is not None else None
+    p = next(dense.parameters())
+    dense_state = {k: v.detach().cpu() for k, v in dense.state_dict().items()}
+    model = _build_masa(vit_kwargs_from_dense(dense), dict(sharing='low_rank', rank=rank, share=share))
+    _check_same_architecture(dense, model)
+    model.load_state_dict(convert_state_dict(dense_state, model, whitening=chol), strict=True)
+    model.pretrained_cfg = copy.deepcopy(getattr(dense, 'pretrained_cfg', {}))
+    model = model.to(device=p.device, dtype=p.dtype).train(dense.training)
+    counts, dense_counts = count_params(model), count_params(dense)
+    model.conversion_report = dict(
+        method='whitened_svd' if chol is not None else 'truncated_svd', rank=rank,
+        target_attn_compression=attn_compression,
+        params=dict(attention_dense=dense_counts['attention'], attention=counts['attention'],
+                    attention_compression=1.0 - counts['attention'] / dense_counts['attention'],
+                    total_dense=dense_counts['total'], total=counts['total']),
+        layers=_layer_errors(dense_state, model, _dense_attention_weights(dense_state, dense), chol),
+    )
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+def report_to_markdown(report: Mapping[str, Any]) -> str:
+    """Render a conversion report (from `from_dense` / `svd_from_dense`) as markdown."""
+    lines = [f"# MASA conversion report: {report.get('method', '')}", '']
+    cfg = report.get('config')
+    if cfg:
+        lines.append('Config: ' + ', '.join(f'{k}={v}' for k, v in cfg.items() if v is not None))
+        lines.append('')
+    par = report['params']
+    lines += [
+        '| | dense | converted |', '|---|---:|---:|',
+        f"| attention params | {par['attention_dense']:,} | {par['attention']:,} |",
+    ]
+    if 'total_dense' in par:
+        lines.append(f"| total params | {par['total_dense']:,} | {par['total']:,} |")
+    lines += ['', f"Attention compression: {100 * par['attention_compression']:.2f}%"
+              + (f" (target {100 * report['target_attn_compression']:.1f}%, budget {par.get('attention_budget'):,})"
+                 if report.get('target_attn_compression') is not None and par.get('attention_budget') else ''), '']
+    if par.get('breakdown'):
+        lines.append('Attention parameters: ' + ', '.join(f'{k} {v:,}' for k, v in par['breakdown'].items()))
+        lines.append('')
+    ev = report.get('eval')
+    if ev:
+        lines += [f"## Outputs ({ev.get('data', '')} set, {ev['num_images']} images)", '',
+                  '| top-1 dense | top-1 converted | kept | agreement | mean KL |', '|---:|---:|---:|---:|---:|']
+        if 'top1' in ev:
+            lines.append(f"| {100 * ev['top1_dense']:.2f} | {100 * ev['top1']:.2f} | {100 * ev['top1_kept']:.1f}% | "
+                         f"{100 * ev['agreement']:.2f} | {ev['mean_kl']:.4f} |")
+        else:
+            lines.append(f"| - | - | - | {100 * ev['agreement']:.2f} | {ev['mean_kl']:.4f} |")
+        lines.append('')
+    if report.get('kl_drift'):
+        lines += ['KL drift between consecutive blocks: ' + ', '.join(f'{x:.3g}' for x in report['kl_drift']), '']
+    rows = report.get('layers') or []
+    if rows:
+        has_out = 'rel_output_error' in rows[0]
+        kinds = sorted({r['proj'] for r in rows}, key=KINDS.index)
+        lines += ['## Relative reconstruction error per block (weights' + (' / outputs on calibration' if has_out else '')
+                  + ')', '', '| block | ' + ' | '.join(kinds) + ' |', '|---:|' + '---:|' * len(kinds)]
+        by_block: Dict[int, Dict[str, Dict]] = {}
+        for r in rows:
+            by_block.setdefault(r['block'], {})[r['proj']] = r
+        for b in sorted(by_block):
+            cells = []
+            for k in kinds:
+                r = by_block[b].get(k)
+                if r is None:
+                    cells.append('-')
+                else:
+                    cells.append(f"{r['rel_error']:.3f}" + (f" / {r['rel_output_error']:.3f}" if has_out else ''))
+            lines.append(f'| {b} | ' + ' | '.join(cells) + ' |')
+        lines.append('')
+    if report.get('seconds'):
+        lines.append('Time: ' + ', '.join(f'{k} {v:.2f}s' for k, v in report['seconds'].items()))
+    return '\n'.join(lines) + '\n'

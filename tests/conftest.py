@@ -1,0 +1,16 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+# 2 cores: keep torch from oversubscribing when pytest runs in parallel with nothing else
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+warnings.filterwarnings('ignore', message='.*is_fx_tracing.*')
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=6, num_heads=4, num_classes=5)
+
+
+@pytest.fixture
+def tiny_kwargs():
+    return dict(TINY)
