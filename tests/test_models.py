@@ -276,7 +276,7 @@ def test_jit_script_refused_with_pointer_to_dense(tiny_kwargs):
     (dict(dictionary='global'), r"dictionary='global' is unknown"),
     (dict(coef='svd'), r"coef='svd' is unknown"),
     (dict(num_atoms=[1, 2]), r'gives 2 values for 1 groups'),
-    (dict(refine_rank=dict(x=2)), r'refine_rank has unknown projections'),
+    (dict(refine_rank=dict(x=2)), r'refine_rank has unknown or unshared projections'),
 ])
 def test_bad_input_errors(kwargs, match, tiny_kwargs):
     with pytest.raises(ValueError, match=match):
