@@ -25,7 +25,7 @@ from timm.layers import trunc_normal_
 
 from .dictionary import AtomDictionary
 
-__all__ = ['AtomLinear', 'PART_BASES']
+__all__ = ['AtomLinear', 'GroupedQueryAttention', 'PART_BASES']
 
 PART_BASES = ('own', 'shared', 'none')
 
@@ -195,3 +195,106 @@ class AtomLinear(nn.Module):
         parts = ', '.join(f'{p}:{b}' + (f'+r{self.lowrank_ranks[p]}' if p in self.lowrank_ranks else '')
                           for p, b in zip(self.parts, self.bases))
         return f'in_features={self.in_features}, out_features={self.out_features}, parts=[{parts}], block={self.block}'
+
+
+class GroupedQueryAttention(nn.Module):
+    """Multi-head self attention with fewer key/value heads than query heads (GQA baseline).
+
+    Query heads are split into `num_kv_heads` groups; the heads of a group share one key and one value head.
+    `qkv` projects to d + 2 * num_kv_heads * head_dim features (q, then k, then v).
+    """
+    fused_attn: torch.jit.Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            num_kv_heads: int = 1,
+            qkv_bias: bool = False,
+            qk_norm: bool = False,
+            proj_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            norm_layer: Optional[type] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads} (each key/value head serves a group "
+                f"of query heads).")
+        from timm.layers import use_fused_attn
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = dim // num_heads
+        self.kv_dim = num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = use_fused_attn()
+        self.qkv = nn.Linear(dim, dim + 2 * self.kv_dim, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).split([C, self.kv_dim, self.kv_dim], dim=-1)
+        q = q.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd)
+        k = k.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, N, hd)
+        v = v.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        rep = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(rep, dim=1)  # (B, H, N, hd): query head h uses kv head h // rep
+        v = v.repeat_interleave(rep, dim=1)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0., is_causal=is_causal)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                attn = attn + attn_mask
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def init_weights(self, std: float = 0.02) -> None:
+        for lin in (self.qkv, self.proj):
+            trunc_normal_(lin.weight, std=std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def dense_param_count(self) -> int:
+        """Parameters of the multi-head attention with the same number of query heads."""
+        d = self.proj.in_features
+        n = sum(p.numel() for p in self.parameters())
+        n += 2 * (d - self.kv_dim) * d  # the missing key/value rows
+        if self.qkv.bias is not None:
+            n += 2 * (d - self.kv_dim)
+        return n
+
+    @torch.no_grad()
+    def dense_qkv(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The equivalent multi-head qkv weight and bias (key/value heads repeated for their query groups)."""
+        d, rep = self.proj.in_features, self.num_heads // self.num_kv_heads
+
+        def expand(t):  # (kv_dim, ...) -> (d, ...)
+            return t.reshape(self.num_kv_heads, self.head_dim, *t.shape[1:]).repeat_interleave(rep, 0).reshape(
+                d, *t.shape[1:])
+
+        w = self.qkv.weight
+        wq, wk, wv = w.split([d, self.kv_dim, self.kv_dim])
+        weight = torch.cat([wq, expand(wk), expand(wv)])
+        bias = None
+        if self.qkv.bias is not None:
+            bq, bk, bv = self.qkv.bias.split([d, self.kv_dim, self.kv_dim])
+            bias = torch.cat([bq, expand(bk), expand(bv)])
+        return weight, bias

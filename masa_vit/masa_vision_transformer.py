@@ -22,6 +22,9 @@ Sharing methods (`sharing=`), all with the same attention parameter accounting (
     * 'sequential': S weight sets, consecutive blocks share one (Takase & Kiyono 2021).
     * 'cycle': S weight sets, block l uses set l mod S (repeat-all-over).
     * 'low_rank': each shared projection is a per-block rank-r product U V.
+    * 'gqa': grouped-query attention, fewer key/value heads (`num_kv_heads`); its own budget (41.7% with one kv head
+      in a 6-head model).
+Beyond the paper, `share='qkvo+mlp'` also shares the MLP's fc1 and fc2 through dictionaries of their own.
 """
 import copy
 import logging
@@ -35,7 +38,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCE
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from .attention import AtomLinear
+from .attention import AtomLinear, GroupedQueryAttention
 from .dictionary import AtomDictionary, COEF_MODES
 
 __all__ = ['MasaVisionTransformer', 'to_dense', 'count_params', 'coefficient_matrices', 'checkpoint_filter_fn']
@@ -43,7 +46,7 @@ __all__ = ['MasaVisionTransformer', 'to_dense', 'count_params', 'coefficient_mat
 _logger = logging.getLogger(__name__)
 
 ATTN_KINDS = ('q', 'k', 'v', 'o')
-SHARING_METHODS = ('masa', 'dense', 'sequential', 'cycle', 'low_rank')
+SHARING_METHODS = ('masa', 'dense', 'sequential', 'cycle', 'low_rank', 'gqa')
 DICTIONARY_TYPES = ('separate', 'common')
 
 # timm's dense equivalents of the registered 224 px shapes (for to_dense and the pretrained tags)
@@ -55,15 +58,23 @@ DENSE_EQUIVALENT = {
 }
 
 
-def parse_share(share: Union[str, Sequence[str]]) -> Tuple[str, ...]:
-    """Parse a `share` spec ('qkvo', 'qkv', 'q,k', ['q', 'v']) into kinds in canonical q, k, v, o order."""
-    letters = ''.join(share).replace(',', '').replace(' ', '').lower() if share is not None else ''
+def parse_share(share: Union[str, Sequence[str]]) -> Tuple[Tuple[str, ...], bool]:
+    """Parse a `share` spec into (attention kinds in q, k, v, o order, share the MLP too).
+
+    Accepts 'qkvo', 'qkv', 'q,k', ['q', 'v'], and '+mlp' to share the MLP as well ('qkvo+mlp', or 'mlp' alone).
+    """
+    spec = ''.join(share) if share is not None else ''
+    spec = spec.replace(',', '').replace(' ', '').lower()
+    tokens = spec.split('+')
+    share_mlp = 'mlp' in tokens
+    letters = ''.join(t for t in tokens if t != 'mlp')
     unknown = sorted(set(letters) - set(ATTN_KINDS))
-    if unknown or not letters:
+    if unknown or not (letters or share_mlp):
         raise ValueError(
             f"share={share!r} is invalid{' (unknown letters ' + repr(''.join(unknown)) + ')' if unknown else ''}: "
-            f"use a non-empty subset of 'q', 'k', 'v', 'o', e.g. share='qkvo' (all four) or share='qkv'.")
-    return tuple(k for k in ATTN_KINDS if k in letters)
+            f"use a non-empty subset of 'q', 'k', 'v', 'o', optionally with '+mlp', e.g. share='qkvo' (all four), "
+            f"share='qkv' or share='qkvo+mlp'.")
+    return tuple(k for k in ATTN_KINDS if k in letters), share_mlp
 
 
 def resolve_groups(groups: Union[int, Sequence[int]], depth: int) -> List[Tuple[int, int]]:
@@ -103,6 +114,8 @@ class MasaVisionTransformer(VisionTransformer):
             coef_hidden_dim: int = 64,
             refine_rank: Optional[Union[int, Dict[str, int]]] = None,
             rank: Optional[int] = None,
+            num_kv_heads: int = 1,
+            mlp_num_atoms: Optional[Union[int, Sequence[int]]] = None,
             **kwargs: Any,
     ):
         """
@@ -121,6 +134,8 @@ class MasaVisionTransformer(VisionTransformer):
                 dict(q=32, k=16, v=16, o=32)); set by the training-free conversion (`masa_vit.from_dense`).
             rank: Rank r of each projection for sharing='low_rank'. Default: the rank with MASA's budget at the same
                 S, r = d * S / (2 L) (d / 6 at S = L / 3).
+            num_kv_heads: Key/value heads for sharing='gqa' (must divide num_heads).
+            mlp_num_atoms: Atoms per MLP dictionary with share='...+mlp' (default: num_atoms).
             **kwargs: timm VisionTransformer arguments (img_size, patch_size, embed_dim, depth, num_heads, ...).
         """
         embed_dim = kwargs.get('embed_dim', 768)
@@ -136,7 +151,7 @@ class MasaVisionTransformer(VisionTransformer):
             raise ValueError(f"dictionary={dictionary!r} is unknown: use one of {DICTIONARY_TYPES}.")
         if coef not in ('direct', 'mlp'):
             raise ValueError(f"coef={coef!r} is unknown: use 'direct' or 'mlp'.")
-        kinds = parse_share(share)
+        kinds, share_mlp = parse_share(share)
         bounds = resolve_groups(groups, depth)
         if num_atoms is None:
             atoms_per_group = [max(1, (b - a) // 3) for a, b in bounds]
@@ -148,12 +163,28 @@ class MasaVisionTransformer(VisionTransformer):
                 raise ValueError(
                     f"num_atoms={list(num_atoms)} gives {len(atoms_per_group)} values for {len(bounds)} groups: "
                     f"give one int, or one per group.")
+        mlp_atoms_per_group = atoms_per_group
+        if mlp_num_atoms is not None:
+            mlp_atoms_per_group = [mlp_num_atoms] * len(bounds) if isinstance(mlp_num_atoms, int) else list(mlp_num_atoms)
+            if len(mlp_atoms_per_group) != len(bounds):
+                raise ValueError(f"mlp_num_atoms={mlp_num_atoms} gives {len(mlp_atoms_per_group)} values for "
+                                 f"{len(bounds)} groups: give one int, or one per group.")
+        if sharing == 'gqa':
+            if share_mlp:
+                raise ValueError("share='...+mlp' is not defined for sharing='gqa': GQA changes attention heads only.")
+            if not 1 <= num_kv_heads <= num_heads or num_heads % num_kv_heads:
+                raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}.")
         if sharing in ('masa', 'sequential', 'cycle'):
             for g, ((a, b), s) in enumerate(zip(bounds, atoms_per_group)):
                 if not 1 <= s <= b - a:
                     raise ValueError(
                         f"num_atoms={s} is out of range for group {g} (blocks {a}-{b - 1}): it must be between 1 and "
                         f"{b - a}, the number of blocks in the group.")
+            for g, ((a, b), s) in enumerate(zip(bounds, mlp_atoms_per_group if share_mlp else [])):
+                if not 1 <= s <= b - a:
+                    raise ValueError(
+                        f"mlp_num_atoms={s} is out of range for group {g} (blocks {a}-{b - 1}): it must be between 1 "
+                        f"and {b - a}, the number of blocks in the group.")
         if isinstance(refine_rank, int):
             refine_rank = {k: refine_rank for k in kinds} if refine_rank > 0 else None
         elif refine_rank:
@@ -172,67 +203,104 @@ class MasaVisionTransformer(VisionTransformer):
 
         super().__init__(**kwargs)
         self.sharing = sharing
-        self.share = ''.join(kinds) if sharing != 'dense' else ''
-        self.masa_kwargs = dict(
-            sharing=sharing, num_atoms=atoms_per_group if len(set(atoms_per_group)) > 1 else atoms_per_group[0],
-            share=''.join(kinds), dictionary=dictionary, groups=[a for a, _ in bounds], coef=coef,
-        )
-        if coef == 'mlp':
-            self.masa_kwargs.update(coef_embed_dim=coef_embed_dim, coef_hidden_dim=coef_hidden_dim)
-        if refine_rank:
-            self.masa_kwargs['refine_rank'] = dict(refine_rank)
-        if sharing == 'low_rank':
-            self.masa_kwargs['rank'] = rank
+        self.masa_kwargs = dict(sharing=sharing)
+        if sharing == 'gqa':
+            self.masa_kwargs['num_kv_heads'] = num_kv_heads
+        elif sharing != 'dense':
+            self.masa_kwargs.update(
+                num_atoms=atoms_per_group if len(set(atoms_per_group)) > 1 else atoms_per_group[0],
+                share=''.join(kinds) + ('+mlp' if share_mlp else ''), groups=[a for a, _ in bounds])
+            if sharing == 'masa':
+                self.masa_kwargs.update(dictionary=dictionary, coef=coef)
+                if coef == 'mlp':
+                    self.masa_kwargs.update(coef_embed_dim=coef_embed_dim, coef_hidden_dim=coef_hidden_dim)
+                if refine_rank:
+                    self.masa_kwargs['refine_rank'] = dict(refine_rank)
+            if sharing == 'low_rank':
+                self.masa_kwargs['rank'] = rank
+            if share_mlp and mlp_num_atoms is not None:
+                self.masa_kwargs['mlp_num_atoms'] = mlp_num_atoms
         self._vit_kwargs = dict(kwargs)
         self.group_bounds = bounds
         self.dictionaries = nn.ModuleList()
+        self.mlp_dictionaries = nn.ModuleList()
         if sharing == 'dense':
             self._masa_built = True
             return
 
         dd = {'device': self.cls_token.device if self.cls_token is not None else None,
               'dtype': self.patch_embed.proj.weight.dtype}
-        qkv_bias = kwargs.get('qkv_bias', True)
-        proj_bias = kwargs.get('proj_bias', True)
-        for (a, b), num_s in zip(bounds, atoms_per_group):
+        if sharing == 'gqa':
+            for blk in self.blocks:
+                attn = blk.attn
+                blk.attn = GroupedQueryAttention(
+                    embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                    qkv_bias=attn.qkv.bias is not None, qk_norm=not isinstance(attn.q_norm, nn.Identity),
+                    proj_bias=attn.proj.bias is not None, attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p,
+                    norm_layer=type(attn.q_norm) if not isinstance(attn.q_norm, nn.Identity) else None, **dd)
+            self._masa_built = True
+            return
+
+        for (a, b), num_s, mlp_s in zip(bounds, atoms_per_group, mlp_atoms_per_group):
             group_len = b - a
-            dictionary_module = None
-            if sharing != 'low_rank':
+
+            def _dictionary(dict_kinds, s, out_f, in_f, common=False):
+                if sharing == 'low_rank':
+                    return None
                 assign = None
                 if sharing == 'sequential':
-                    assign = [l * num_s // group_len for l in range(group_len)]
+                    assign = [l * s // group_len for l in range(group_len)]
                 elif sharing == 'cycle':
-                    assign = [l % num_s for l in range(group_len)]
-                dictionary_module = AtomDictionary(
-                    kinds, group_len, num_s, embed_dim, embed_dim,
-                    common=dictionary == 'common',
-                    coef=coef if sharing == 'masa' else 'select',
-                    assign=assign,
-                    coef_embed_dim=coef_embed_dim,
-                    coef_hidden_dim=coef_hidden_dim,
-                    **dd,
-                )
-                self.dictionaries.append(dictionary_module)
+                    assign = [l % s for l in range(group_len)]
+                return AtomDictionary(
+                    dict_kinds, group_len, s, out_f, in_f, common=common,
+                    coef=coef if sharing == 'masa' else 'select', assign=assign,
+                    coef_embed_dim=coef_embed_dim, coef_hidden_dim=coef_hidden_dim, **dd)
+
             shared_base = 'none' if sharing == 'low_rank' else 'shared'
-            lowrank = {k: rank for k in kinds} if sharing == 'low_rank' else (refine_rank or {})
-            for l in range(a, b):
-                attn = self.blocks[l].attn
-                qkv_bases = [shared_base if k in kinds else 'own' for k in 'qkv']
-                if qkv_bases != ['own'] * 3:
-                    attn.qkv = AtomLinear(
-                        embed_dim, embed_dim, ('q', 'k', 'v'), qkv_bases,
-                        bias=qkv_bias, dictionary=dictionary_module, block=l - a, lowrank=lowrank, **dd)
-                if 'o' in kinds:  # otherwise O stays timm's per-block nn.Linear
-                    attn.proj = AtomLinear(
-                        embed_dim, embed_dim, ('o',), [shared_base],
-                        bias=proj_bias, dictionary=dictionary_module, block=l - a, lowrank=lowrank, **dd)
+            if kinds:
+                attn_dict = _dictionary(kinds, num_s, embed_dim, embed_dim, common=dictionary == 'common')
+                if attn_dict is not None:
+                    self.dictionaries.append(attn_dict)
+                lowrank = {k: rank for k in kinds} if sharing == 'low_rank' else (refine_rank or {})
+                for l in range(a, b):
+                    attn = self.blocks[l].attn
+                    qkv_bases = [shared_base if k in kinds else 'own' for k in 'qkv']
+                    if qkv_bases != ['own'] * 3:
+                        attn.qkv = AtomLinear(
+                            embed_dim, embed_dim, ('q', 'k', 'v'), qkv_bases, bias=attn.qkv.bias is not None,
+                            dictionary=attn_dict, block=l - a, lowrank=lowrank, **dd)
+                    if 'o' in kinds:  # otherwise O stays timm's per-block nn.Linear
+                        attn.proj = AtomLinear(
+                            embed_dim, embed_dim, ('o',), [shared_base], bias=attn.proj.bias is not None,
+                            dictionary=attn_dict, block=l - a, lowrank=lowrank, **dd)
+            if share_mlp:
+                mlp0 = self.blocks[a].mlp
+                if not (isinstance(getattr(mlp0, 'fc1', None), nn.Linear) and isinstance(getattr(mlp0, 'fc2', None), nn.Linear)):
+                    raise ValueError(f"share='+mlp' needs timm's Mlp (fc1, fc2); got {type(mlp0).__name__}.")
+                hidden = mlp0.fc1.out_features
+                fc_dicts = nn.ModuleDict({
+                    'fc1': _dictionary(('fc1',), mlp_s, hidden, embed_dim),
+                    'fc2': _dictionary(('fc2',), mlp_s, embed_dim, hidden),
+                }) if sharing != 'low_rank' else None
+                if fc_dicts is not None:
+                    self.mlp_dictionaries.append(fc_dicts)
+                # low-rank with MASA's budget: r (h + d) = (S / L) h d
+                mlp_rank = max(1, round(mlp_s * hidden * embed_dim / (group_len * (hidden + embed_dim))))
+                for l in range(a, b):
+                    mlp = self.blocks[l].mlp
+                    for name, out_f, in_f in (('fc1', hidden, embed_dim), ('fc2', embed_dim, hidden)):
+                        setattr(mlp, name, AtomLinear(
+                            in_f, out_f, (name,), [shared_base], bias=getattr(mlp, name).bias is not None,
+                            dictionary=fc_dicts[name] if fc_dicts is not None else None, block=l - a,
+                            lowrank={name: mlp_rank} if sharing == 'low_rank' else None, **dd))
         self._masa_built = True
         if self.fix_init:
             self.fix_init_weight()
         self.register_load_state_dict_pre_hook(_check_not_dense_checkpoint)
 
     def __prepare_scriptable__(self) -> 'MasaVisionTransformer':
-        if len(self.dictionaries) or any(isinstance(m, AtomLinear) for m in self.modules()):
+        if any(isinstance(m, (AtomLinear, AtomDictionary)) for m in self.modules()):
             raise RuntimeError(
                 "torch.jit.script cannot compile a MASA model: the shared atoms are stored once on the model and each "
                 "block reaches them by reference, which TorchScript (deprecated by PyTorch) cannot follow. Use "
@@ -246,20 +314,20 @@ class MasaVisionTransformer(VisionTransformer):
             return  # called from VisionTransformer.__init__ before the shared layers exist; applied once built
         for layer_id, blk in enumerate(self.blocks):
             scale = math.sqrt(2.0 * (layer_id + 1))
-            proj = blk.attn.proj
-            if isinstance(proj, AtomLinear):
-                _scale_atom_linear_(proj, 1.0 / scale)
-            else:
-                proj.weight.div_(scale)
-            blk.mlp.fc2.weight.div_(scale)
+            for layer in (blk.attn.proj, blk.mlp.fc2):
+                if isinstance(layer, AtomLinear):
+                    _scale_atom_linear_(layer, 1.0 / scale)
+                else:
+                    layer.weight.div_(scale)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         """timm's no-decay set plus every dictionary coefficient parameter (direct or MLP-produced)."""
         nwd = set(super().no_weight_decay())
-        for n, _ in self.dictionaries.named_parameters():
-            if not n.split('.')[1] == 'atoms':
-                nwd.add(f'dictionaries.{n}')
+        for prefix in ('dictionaries', 'mlp_dictionaries'):
+            for n, _ in getattr(self, prefix).named_parameters():
+                if not n.endswith('atoms'):
+                    nwd.add(f'{prefix}.{n}')
         return nwd
 
     @torch.jit.ignore
@@ -269,7 +337,7 @@ class MasaVisionTransformer(VisionTransformer):
         The atoms feed every block of their group; with layer-wise lr decay they get the scale of the group's
         earliest block, the most conservative of the scales of the blocks that use them.
         """
-        dict_rules = [(rf'^dictionaries\.{g}\.', (a,)) for g, (a, _) in enumerate(self.group_bounds)]
+        dict_rules = [(rf'^(?:mlp_)?dictionaries\.{g}\.', (a,)) for g, (a, _) in enumerate(self.group_bounds)]
         return dict(
             stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre',
             blocks=dict_rules + [(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
@@ -280,8 +348,9 @@ class MasaVisionTransformer(VisionTransformer):
 
         The outputs do not change; the folded model's state dict loads into a model built with coef='direct'.
         """
-        for d in self.dictionaries:
-            d.fold()
+        for d in self.modules():
+            if isinstance(d, AtomDictionary):
+                d.fold()
         for m in self.modules():
             if isinstance(m, AtomLinear):
                 m.clear_cache()
@@ -317,12 +386,13 @@ def _scale_atom_linear_(layer: AtomLinear, factor: float) -> None:
 
 def _check_not_dense_checkpoint(module, state_dict, prefix, *args, **kwargs) -> None:
     """load_state_dict pre-hook: refuse a dense ViT state dict with a pointer to the conversion API."""
-    if not len(module.dictionaries) or any(k.startswith(prefix + 'dictionaries.') for k in state_dict):
+    if not (len(module.dictionaries) or len(module.mlp_dictionaries)):
         return
-    w = state_dict.get(prefix + 'blocks.0.attn.qkv.weight')
-    if w is not None and tuple(w.shape) == (3 * module.embed_dim, module.embed_dim):
+    if any(k.startswith((prefix + 'dictionaries.', prefix + 'mlp_dictionaries.')) for k in state_dict):
+        return
+    if prefix + 'blocks.0.attn.qkv.weight' in state_dict or prefix + 'blocks.0.attn.proj.weight' in state_dict:
         raise ValueError(
-            "This state dict holds dense attention weights (blocks.*.attn.qkv.weight of full shape) and no shared "
+            "This state dict holds per-block attention weights (blocks.*.attn.qkv/proj.weight) and no shared "
             "dictionaries: it is a dense ViT checkpoint, not a MASA one. Convert it instead of loading it: "
             "masa_vit.from_dense(dense_model, ...) or timm.create_model('<masa model>', pretrained=True, "
             "pretrained_cfg_overlay=dict(file='<dense checkpoint>')), which converts while loading.")
@@ -349,7 +419,9 @@ def to_dense(model: MasaVisionTransformer) -> VisionTransformer:
     for m in model.modules():
         if isinstance(m, AtomLinear):
             atom_params.update(id(p) for p in m.parameters() if p is not m.bias)
-    atom_params.update(id(p) for p in model.dictionaries.parameters()) if hasattr(model, 'dictionaries') else None
+    for m in model.modules():
+        if isinstance(m, AtomDictionary):
+            atom_params.update(id(p) for p in m.parameters())
     state = {}
     for name, p in model.state_dict(keep_vars=True).items():
         if id(p) not in atom_params:
@@ -357,6 +429,10 @@ def to_dense(model: MasaVisionTransformer) -> VisionTransformer:
     for name, m in model.named_modules():
         if isinstance(m, AtomLinear):
             state[f'{name}.weight'] = m._compose().detach()
+        elif isinstance(m, GroupedQueryAttention):
+            state[f'{name}.qkv.weight'], bias = m.dense_qkv()
+            if bias is not None:
+                state[f'{name}.qkv.bias'] = bias
     dense.load_state_dict(state, strict=True)
     dense.pretrained_cfg = copy.deepcopy(getattr(model, 'pretrained_cfg', {}))
     arch = DENSE_EQUIVALENT.get(dense.pretrained_cfg.get('architecture', ''))
@@ -366,27 +442,37 @@ def to_dense(model: MasaVisionTransformer) -> VisionTransformer:
     return dense
 
 
+def _dense_equivalent(module: nn.Module) -> Tuple[int, int]:
+    """(parameters kept, parameters of the dense equivalent) of an attention or MLP module."""
+    if hasattr(module, 'dense_param_count'):
+        return sum(p.numel() for p in module.parameters()), module.dense_param_count()
+    if isinstance(module, AtomLinear):
+        kept = sum(p.numel() for p in module.parameters())
+        return kept, module.out_features * module.in_features + (module.bias.numel() if module.bias is not None else 0)
+    kept = dense = sum(p.numel() for p in module.parameters(recurse=False))
+    for child in module.children():
+        k, d = _dense_equivalent(child)
+        kept, dense = kept + k, dense + d
+    return kept, dense
+
+
 def count_params(model: nn.Module) -> Dict[str, Union[int, float]]:
-    """Parameter counts every tool reports: total, attention (what attention keeps: per-block parameters, shared
-    atoms, coefficients, refinement terms), attention_dense (the dense twin's attention) and their compression."""
+    """Parameter counts every tool reports.
+
+    Keys: total; attention (what attention keeps: per-block parameters, shared atoms, coefficients and coefficient
+    MLPs, refinement terms), attention_dense (the dense twin's attention) and attention_compression
+    (1 - attention / attention_dense); the same three for the MLPs (mlp, mlp_dense, mlp_compression).
+    """
     model = _unwrap(model)
-    total = sum(p.numel() for p in model.parameters())
-    attention = attention_dense = 0
-    for blk in getattr(model, 'blocks', []):
-        for m in blk.attn.modules():
-            own = sum(p.numel() for p in m.parameters(recurse=False))
-            attention += own
-            if isinstance(m, AtomLinear):
-                attention_dense += m.out_features * m.in_features + (m.bias.numel() if m.bias is not None else 0)
-            else:
-                attention_dense += own
-    attention += sum(p.numel() for p in getattr(model, 'dictionaries', nn.ModuleList()).parameters())
-    return dict(
-        total=total,
-        attention=attention,
-        attention_dense=attention_dense,
-        attention_compression=1.0 - attention / attention_dense if attention_dense else 0.0,
-    )
+    counts = dict(total=sum(p.numel() for p in model.parameters()))
+    for part, dict_attr in (('attention', 'dictionaries'), ('mlp', 'mlp_dictionaries')):
+        kept = dense = 0
+        for blk in getattr(model, 'blocks', []):
+            k, d = _dense_equivalent(blk.attn if part == 'attention' else blk.mlp)
+            kept, dense = kept + k, dense + d
+        kept += sum(p.numel() for p in getattr(model, dict_attr, nn.ModuleList()).parameters())
+        counts.update({part: kept, f'{part}_dense': dense, f'{part}_compression': 1.0 - kept / dense if dense else 0.0})
+    return counts
 
 
 @torch.no_grad()
@@ -394,15 +480,21 @@ def coefficient_matrices(model: nn.Module) -> List[Dict[str, Any]]:
     """The coefficient matrix C (blocks x atoms) of every shared projection, for inspection and logging.
 
     Returns a list of dicts: name (projection kind, e.g. 'q'), group, blocks (model block indices) and coef
-    (float32 CPU tensor of shape (blocks in group, atoms)). Empty for models without dictionaries.
+    (float32 CPU tensor of shape (blocks in group, atoms)); 'fc1' / 'fc2' for shared MLPs. Empty for models without
+    dictionaries.
     """
     model = _unwrap(model)
     out = []
-    for g, d in enumerate(getattr(model, 'dictionaries', [])):
-        a, b = model.group_bounds[g]
-        c = d.coefficients().detach().float().cpu()
-        for i, kind in enumerate(d.kinds):
-            out.append(dict(name=kind, group=g, blocks=list(range(a, b)), coef=c[i].clone()))
+    for g, (a, b) in enumerate(getattr(model, 'group_bounds', [])):
+        found = []
+        if g < len(getattr(model, 'dictionaries', [])):
+            found.append(model.dictionaries[g])
+        if g < len(getattr(model, 'mlp_dictionaries', [])):
+            found.extend(model.mlp_dictionaries[g].values())
+        for d in found:
+            c = d.coefficients().detach().float().cpu()
+            for i, kind in enumerate(d.kinds):
+                out.append(dict(name=kind, group=g, blocks=list(range(a, b)), coef=c[i].clone()))
     return out
 
 
@@ -412,7 +504,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MasaVisionT
     Pure: returns a new dict and leaves `state_dict` untouched."""
     state_dict = vit_checkpoint_filter_fn(dict(state_dict), model)
     has_dictionaries = any(k.startswith('dictionaries.') for k in state_dict)
-    if len(getattr(model, 'dictionaries', [])) or getattr(model, 'sharing', 'dense') == 'low_rank':
+    if len(getattr(model, 'dictionaries', [])):
         if not has_dictionaries and 'blocks.0.attn.qkv.weight' in state_dict and \
                 state_dict['blocks.0.attn.qkv.weight'].shape[0] == 3 * model.embed_dim:
             from .conversion import convert_state_dict

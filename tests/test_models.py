@@ -13,7 +13,7 @@ import masa_vit
 from masa_vit import AtomLinear
 
 MODELS = timm.list_models('masa_*')
-SHARINGS = ['masa', 'dense', 'sequential', 'cycle', 'low_rank']
+SHARINGS = ['masa', 'dense', 'sequential', 'cycle', 'low_rank', 'gqa']
 
 
 def test_registered_names():
@@ -85,6 +85,8 @@ def test_sharing_methods_train_and_export(sharing, tiny_kwargs):
 @pytest.mark.parametrize('opts', [
     dict(coef='mlp'), dict(dictionary='common'), dict(groups=2), dict(groups=[0, 2], num_atoms=[1, 2]),
     dict(share='qkv'), dict(share='qv'), dict(refine_rank=dict(q=3, o=2)), dict(dictionary='common', coef='mlp'),
+    dict(share='qkvo+mlp'), dict(share='mlp', mlp_num_atoms=3), dict(share='qkvo+mlp', sharing='cycle'),
+    dict(share='qkv+mlp', sharing='low_rank'), dict(share='qkvo+mlp', sharing='sequential', groups=2, num_atoms=1),
 ])
 def test_masa_options_gradients_and_dense_parity(opts, tiny_kwargs):
     torch.manual_seed(0)
@@ -289,3 +291,61 @@ def test_dense_checkpoint_refused_with_pointer_to_conversion(tiny_kwargs):
     for strict in (True, False):
         with pytest.raises(ValueError, match=r'dense ViT checkpoint.*masa_vit.from_dense'):
             m.load_state_dict(dense.state_dict(), strict=strict)
+
+
+def test_attention_budget_of_each_method_at_the_paper_setting():
+    """ViT-S shape (d=384, L=12, 6 heads) at S = L / 3 = 4: every method's exact attention parameter count."""
+    d, L, S = 384, 12, 4
+    kw = dict(img_size=32, patch_size=16)
+    dense = L * (4 * d * d + 4 * d)
+    biases = L * 4 * d
+    expected = {
+        'masa': 4 * S * d * d + 4 * L * S + biases,  # atoms + coefficients + biases
+        'sequential': 4 * S * d * d + biases,  # S weight sets, no coefficients
+        'cycle': 4 * S * d * d + biases,
+        'low_rank': L * 4 * (2 * d * (d // 6)) + biases,  # r = d S / (2 L) = d / 6 = 64
+        'gqa': L * (d * d + 2 * d * 64 + d + 2 * 64 + d * d + d),  # 1 kv head of dim 64
+    }
+    for sharing, attention in expected.items():
+        c = masa_vit.count_params(timm.create_model('masa_vit_small', sharing=sharing, **kw))
+        assert c['attention'] == attention, sharing
+        assert c['attention_dense'] == dense, sharing
+    masa = masa_vit.count_params(timm.create_model('masa_vit_small', **kw))['attention_compression']
+    gqa = masa_vit.count_params(timm.create_model('masa_vit_small', sharing='gqa', **kw))['attention_compression']
+    assert masa == pytest.approx(2 / 3, abs=2e-3)
+    assert gqa == pytest.approx(1 - (2 + 1 / 3) / 4, abs=2e-3)  # the paper's 41.7% GQA budget
+    for sharing in ('sequential', 'cycle', 'low_rank'):
+        comp = masa_vit.count_params(timm.create_model('masa_vit_small', sharing=sharing, **kw))['attention_compression']
+        assert comp == pytest.approx(masa, abs=2e-3), sharing
+
+
+def test_sequential_and_cycle_assignments(tiny_kwargs):
+    seq = timm.create_model('masa_vit_tiny', sharing='sequential', num_atoms=3, **tiny_kwargs)
+    cyc = timm.create_model('masa_vit_tiny', sharing='cycle', num_atoms=3, **tiny_kwargs)
+    assert seq.dictionaries[0].assign == (0, 0, 1, 1, 2, 2)
+    assert cyc.dictionaries[0].assign == (0, 1, 2, 0, 1, 2)
+    w = [blk.attn.qkv.composed_weight() for blk in seq.blocks]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+
+
+def test_mlp_sharing_counts(tiny_kwargs):
+    m = timm.create_model('masa_vit_tiny', share='qkvo+mlp', mlp_num_atoms=2, **tiny_kwargs)
+    d, h, L, S = 32, 128, 6, 2
+    c = masa_vit.count_params(m)
+    assert c['mlp_dense'] == L * (2 * d * h + h + d)
+    assert c['mlp'] == S * (h * d + d * h) + 2 * L * S + L * (h + d)
+    assert m.masa_kwargs['share'] == 'qkvo+mlp'
+    assert {e['name'] for e in masa_vit.coefficient_matrices(m)} == {'q', 'k', 'v', 'o', 'fc1', 'fc2'}
+    assert 'mlp_dictionaries.0.fc1.coef' in m.no_weight_decay()
+
+
+def test_gqa_to_dense_is_exact_multi_head(tiny_kwargs):
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', sharing='gqa', num_kv_heads=2, **tiny_kwargs).eval()
+    ref = timm.create_model('vit_tiny_patch16_224', **tiny_kwargs).eval()
+    ref.load_state_dict(masa_vit.to_dense(m).state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (ref(x) - m(x)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match='num_kv_heads=3 must divide num_heads=4'):
+        timm.create_model('masa_vit_tiny', sharing='gqa', num_kv_heads=3, **tiny_kwargs)
