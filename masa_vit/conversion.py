@@ -23,6 +23,8 @@ The paper's training-free path (shown there on LLMs), brought to timm's `VisionT
 """
 import copy
 import functools
+import importlib
+import json
 import logging
 import math
 import time
@@ -37,7 +39,7 @@ from timm.layers import LayerScale
 from timm.models import VisionTransformer
 
 from .attention import AtomLinear
-from .masa_vision_transformer import MasaVisionTransformer, count_params, resolve_groups, to_dense, parse_share
+from .masa_vision_transformer import MasaVisionTransformer, count_params, parse_share, resolve_groups
 from .matrix_pca import (
     allocate_ranks, cholesky_factor, kl_group_starts, layer_kl_drift, matrix_pca, matrix_pca_common,
     truncated_svd, whitened_lowrank,
@@ -45,7 +47,7 @@ from .matrix_pca import (
 
 __all__ = [
     'from_dense', 'svd_from_dense', 'convert_state_dict', 'collect_calibration', 'CalibrationStats',
-    'vit_kwargs_from_dense', 'evaluate_agreement', 'report_to_markdown',
+    'vit_kwargs_from_dense', 'evaluate_agreement', 'report_to_markdown', 'save_converted', 'load_converted',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -170,6 +172,17 @@ def _check_same_architecture(dense: nn.Module, masa: nn.Module) -> None:
             + '; '.join(problems[:5]) + (f' (+{len(problems) - 5} more)' if len(problems) > 5 else ''))
 
 
+def _attention_kinds(share: str) -> Tuple[str, ...]:
+    parsed = parse_share(share)
+    kinds, share_mlp = parsed if len(parsed) == 2 and isinstance(parsed[1], bool) else (parsed, False)
+    if share_mlp or not kinds:
+        raise ValueError(f"share={share!r}: the training-free conversion with a budget shares attention projections "
+                         "only; for a data-free conversion with MLP sharing load the dense checkpoint into "
+                         "timm.create_model('masa_vit_...', share='qkvo+mlp', pretrained=True, "
+                         "pretrained_cfg_overlay=dict(file=...))")
+    return kinds
+
+
 def _attention_layers(model: nn.Module) -> List[Tuple[int, str, str, nn.Module, Tuple[str, ...]]]:
     """(block index, state-dict name, layer name, module, part kinds) of every attention projection."""
     out = []
@@ -179,18 +192,29 @@ def _attention_layers(model: nn.Module) -> List[Tuple[int, str, str, nn.Module, 
     return out
 
 
-def _dense_attention_weights(
+def _dense_attention_weights(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[Tuple[int, str], torch.Tensor]:
+    """Per (block, kind) the dense (out, in) attention weight of a dense ViT state dict, float64."""
+    weights = {}
+    for i, name, _, _, kinds in _attention_layers(model):
+        w = state_dict[f'{name}.weight']
+        pf = w.shape[0] // len(kinds)
+        for j, kind in enumerate(kinds):
+            weights[(i, kind)] = w[j * pf:(j + 1) * pf].detach().to('cpu', torch.float64)
+    return weights
+
+
+def _atom_layers(model: nn.Module) -> List[Tuple[str, AtomLinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, AtomLinear)]
+
+
+def _dense_part_weights(
         state_dict: Mapping[str, torch.Tensor], model: nn.Module,
-) -> Dict[Tuple[int, str], torch.Tensor]:
-    """Per (block, kind) the dense (out, in) weight as float64, with shape checks against `model`."""
+) -> Dict[Tuple[str, str], torch.Tensor]:
+    """Per (layer name, part) the dense (out, in) weight as float64 for every `AtomLinear` of `model`, shape-checked."""
     weights, problems = {}, []
-    for i, name, _, layer, kinds in _attention_layers(model):
+    for name, layer in _atom_layers(model):
         key = f'{name}.weight'
-        if isinstance(layer, AtomLinear):
-            pf, fin = layer.part_features, layer.in_features
-        else:
-            pf, fin = layer.weight.shape[0] // len(kinds), layer.weight.shape[1]
-        expected = (pf * len(kinds), fin)
+        expected = (layer.out_features, layer.in_features)
         w = state_dict.get(key)
         if w is None:
             problems.append(f'{key} is missing')
@@ -198,8 +222,9 @@ def _dense_attention_weights(
         if tuple(w.shape) != expected:
             problems.append(f'{key} has shape {tuple(w.shape)}, the model needs {expected}')
             continue
-        for j, kind in enumerate(kinds):
-            weights[(i, kind)] = w[j * pf:(j + 1) * pf].detach().to('cpu', torch.float64)
+        pf = layer.part_features
+        for j, part in enumerate(layer.parts):
+            weights[(name, part)] = w[j * pf:(j + 1) * pf].detach().to('cpu', torch.float64)
     if problems:
         raise ValueError(
             f'the checkpoint does not fit this model (depth {len(model.blocks)}, embed_dim {model.embed_dim}): '
@@ -208,54 +233,61 @@ def _dense_attention_weights(
     return weights
 
 
-# ---------------------------------------------------------------------------------------------------
-# The pure conversion: dense state dict -> MASA state dict
-# ---------------------------------------------------------------------------------------------------
-
 def _fit_dictionaries(
-        model: MasaVisionTransformer, weights: Mapping[Tuple[int, str], torch.Tensor],
-) -> Tuple[Dict[str, torch.Tensor], Dict[Tuple[int, str], torch.Tensor]]:
-    """Matrix PCA (or, for 'select' dictionaries, per-set means) of every group; returns state entries and the
-    composed (block, kind) weights W^ in float64."""
+        model: nn.Module, weights: Mapping[Tuple[str, str], torch.Tensor],
+) -> Tuple[Dict[str, torch.Tensor], Dict[Tuple[str, str], torch.Tensor]]:
+    """Matrix PCA (or, for 'select' dictionaries, per-set means) of every dictionary of `model`.
+
+    Which dense weights a dictionary serves is read from the `AtomLinear` layers that use it (their `dictionary`,
+    `block` and shared parts), so attention and MLP dictionaries, groups and common dictionaries are all handled
+    alike. Returns the dictionaries' state entries and the composed (layer name, part) weights W^ in float64.
+    """
+    names = {id(m): name for name, m in model.named_modules()}
+    users: Dict[int, Dict[Tuple[str, int], str]] = {}  # id(dictionary) -> (kind, block) -> layer name
+    dicts: Dict[int, Any] = {}
+    for name, layer in _atom_layers(model):
+        for part, base in zip(layer.parts, layer.bases):
+            if base == 'shared':
+                d = layer.dictionary
+                dicts[id(d)] = d
+                users.setdefault(id(d), {})[(part, layer.block)] = name
     state, composed = {}, {}
-    for g, (d, (a, b)) in enumerate(zip(model.dictionaries, model.group_bounds)):
-        prefix = f'dictionaries.{g}.'
-        num_blocks = b - a
-        stacks = [torch.stack([weights[(a + l, kind)] for l in range(num_blocks)]) for kind in d.kinds]  # P x (L, o, i)
-        if d.num_atoms > num_blocks:
-            raise ValueError(f'num_atoms={d.num_atoms} is larger than group {g} (blocks {a}-{b - 1}, {num_blocks} blocks)')
+    for key, d in dicts.items():
+        prefix = names[key] + '.'
+        use = users[key]
+        missing = [(k, l) for k in d.kinds for l in range(d.num_blocks) if (k, l) not in use]
+        if missing:
+            raise ValueError(f'dictionary {names[key]} has kinds/blocks that no layer uses: {missing[:4]}')
+        stacks = [torch.stack([weights[(use[(k, l)], k)] for l in range(d.num_blocks)]) for k in d.kinds]
+        if d.num_atoms > d.num_blocks:
+            raise ValueError(f'num_atoms={d.num_atoms} is larger than the group of {names[key]} ({d.num_blocks} blocks)')
         if d.coef_mode == 'mlp':
             raise ValueError("the training-free conversion fills coefficient matrices: build the model with "
-                             "coef='direct' (fold an 'mlp' model with fold_coefficients() after fine-tuning).")
+                             "coef='direct' (an 'mlp' model can be folded with fold_coefficients() after fine-tuning).")
         if d.coef_mode == 'select':
             # sequential / cycle sharing: the best single matrix for a set of layers is their mean
             atoms = torch.zeros(d.num_kinds, d.num_atoms, *stacks[0].shape[1:], dtype=torch.float64)
             for s in range(d.num_atoms):
-                members = [l for l in range(num_blocks) if d.assign[l] == s]
+                members = [l for l in range(d.num_blocks) if d.assign[l] == s]
                 for p, stack in enumerate(stacks):
                     atoms[p, s] = stack[members].mean(0)
-            for p, kind in enumerate(d.kinds):
-                for l in range(num_blocks):
-                    composed[(a + l, kind)] = atoms[p, d.assign[l]]
+            recs = [atoms[p, list(d.assign)] for p in range(d.num_kinds)]
             state[prefix + 'atoms'] = atoms
-            continue
-        if d.common:
-            atoms, coef = matrix_pca_common(stacks, d.num_atoms)  # (S, o, i), (P, L, S)
-            for p, kind in enumerate(d.kinds):
-                rec = torch.einsum('ls,soi->loi', coef[p], atoms)
-                for l in range(num_blocks):
-                    composed[(a + l, kind)] = rec[l]
-            atoms = atoms[None]
         else:
-            per_kind = [matrix_pca(stack, d.num_atoms) for stack in stacks]
-            atoms = torch.stack([at for at, _ in per_kind])  # (P, S, o, i)
-            coef = torch.stack([c for _, c in per_kind])  # (P, L, S)
-            for p, kind in enumerate(d.kinds):
-                rec = torch.einsum('ls,soi->loi', coef[p], atoms[p])
-                for l in range(num_blocks):
-                    composed[(a + l, kind)] = rec[l]
-        state[prefix + 'atoms'] = atoms
-        state[prefix + 'coef'] = coef
+            if d.common:
+                atoms, coef = matrix_pca_common(stacks, d.num_atoms)  # (S, o, i), (P, L, S)
+                recs = [torch.einsum('ls,soi->loi', coef[p], atoms) for p in range(d.num_kinds)]
+                atoms = atoms[None]
+            else:
+                fits = [matrix_pca(stack, d.num_atoms) for stack in stacks]
+                atoms = torch.stack([at for at, _ in fits])  # (P, S, o, i)
+                coef = torch.stack([c for _, c in fits])  # (P, L, S)
+                recs = [torch.einsum('ls,soi->loi', coef[p], atoms[p]) for p in range(d.num_kinds)]
+            state[prefix + 'atoms'] = atoms
+            state[prefix + 'coef'] = coef
+        for p, k in enumerate(d.kinds):
+            for l in range(d.num_blocks):
+                composed[(use[(k, l)], k)] = recs[p][l]
     return state, composed
 
 
@@ -266,10 +298,11 @@ def convert_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """Convert a dense timm ViT state dict into a state dict for `masa_model` (pure: inputs are not modified).
 
-    Every entry that is not an attention projection weight passes through unchanged (so timm's loader can still
-    drop or adapt the classifier). Shared projections get Matrix PCA atoms and coefficients per group; own
-    projections keep their dense rows; low-rank terms (refinement, or the 'low_rank' baseline) get the truncated SVD
-    of the residual W - W^, data-aware when a Cholesky factor of the layer's input autocorrelation is given.
+    Every entry that is not the weight of a shared layer passes through unchanged (so timm's loader can still drop
+    or adapt the classifier). Each dictionary gets Matrix PCA atoms and coefficients of the weights it serves;
+    unshared parts of a shared layer keep their dense rows; low-rank terms (refinement, or the 'low_rank' baseline)
+    get the truncated SVD of the residual W - W^, data-aware when a Cholesky factor of the layer's input
+    autocorrelation is given.
 
     Args:
         dense_state_dict: A dense `VisionTransformer` state dict (after timm's own checkpoint filter).
@@ -281,19 +314,14 @@ def convert_state_dict(
         A new state dict that `masa_model.load_state_dict(..., strict=True)` accepts (given a matching head).
     """
     model = _unwrap(masa_model)
-    weights = _dense_attention_weights(dense_state_dict, model)
-    layers = _attention_layers(model)
-    replaced = {f'{name}.weight' for _, name, _, layer, _ in layers if isinstance(layer, AtomLinear)}
+    weights = _dense_part_weights(dense_state_dict, model)
+    layers = _atom_layers(model)
+    replaced = {f'{name}.weight' for name, _ in layers}
     out = {k: v for k, v in dense_state_dict.items() if k not in replaced}
-    ref_dtype = next(iter(dense_state_dict.values())).dtype
     dict_state, composed = _fit_dictionaries(model, weights)
-    out.update({k: v.to(ref_dtype) for k, v in dict_state.items()})
-
-    for i, name, _, layer, kinds in layers:
-        if not isinstance(layer, AtomLinear):
-            continue
+    for name, layer in layers:
         dtype = dense_state_dict[f'{name}.weight'].dtype
-        own = [weights[(i, p)] for p, base in zip(layer.parts, layer.bases) if base == 'own']
+        own = [weights[(name, p)] for p, base in zip(layer.parts, layer.bases) if base == 'own']
         if own:
             out[f'{name}.weight'] = torch.cat(own).to(dtype)
         chol = whitening.get(name) if whitening is not None else None
@@ -301,9 +329,9 @@ def convert_state_dict(
             rank = layer.lowrank_ranks.get(p)
             if not rank:
                 continue
-            target = weights[(i, p)]
+            target = weights[(name, p)]
             if base == 'shared':
-                resid = target - composed[(i, p)]
+                resid = target - composed[(name, p)]
             elif base == 'own':
                 resid = torch.zeros_like(target)
             else:
@@ -317,6 +345,9 @@ def convert_state_dict(
                 u, v = truncated_svd(resid, rank)
             out[f'{name}.lowrank.{p}_u'] = u.to(dtype)
             out[f'{name}.lowrank.{p}_v'] = v.to(dtype)
+    if layers:
+        dtype = dense_state_dict[f'{layers[0][0]}.weight'].dtype
+        out.update({k: v.to(dtype) for k, v in dict_state.items()})
     return out
 
 
@@ -658,7 +689,7 @@ def from_dense(
         raise ValueError(f'attn_compression must be in [0, 1), got {attn_compression}')
     if refine is None:
         refine = calib is not None and (attn_compression is not None or refine_rank is not None)
-    kinds = parse_share(share)
+    kinds = _attention_kinds(share)
     depth = len(dense.blocks)
     dim = dense.embed_dim
     p = next(dense.parameters())
@@ -789,7 +820,7 @@ def _layer_errors(
 def lowrank_rank_for_budget(dense_model: nn.Module, attn_compression: float, share: str = 'qkvo') -> int:
     """The largest per-projection rank r whose low-rank attention fits the budget of `attn_compression`."""
     dense = _check_dense_vit(dense_model)
-    kinds = parse_share(share)
+    kinds = _attention_kinds(share)
     depth, dim = len(dense.blocks), dense.embed_dim
     attn_dense = count_params(dense)['attention']
     fixed = attn_dense - len(kinds) * depth * dim * dim
@@ -900,3 +931,73 @@ def report_to_markdown(report: Mapping[str, Any]) -> str:
     if report.get('seconds'):
         lines.append('Time: ' + ', '.join(f'{k} {v:.2f}s' for k, v in report['seconds'].items()))
     return '\n'.join(lines) + '\n'
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving and loading converted models
+# ---------------------------------------------------------------------------------------------------
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, functools.partial):
+        return {'__partial__': _to_json(value.func), 'kwargs': {k: _to_json(v) for k, v in value.keywords.items()}}
+    if isinstance(value, type) or callable(value):
+        return {'__class__': f'{value.__module__}:{value.__qualname__}'}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if '__class__' in value:
+            module, name = value['__class__'].split(':')
+            obj = importlib.import_module(module)
+            for part in name.split('.'):
+                obj = getattr(obj, part)
+            return obj
+        if '__partial__' in value:
+            return functools.partial(_from_json(value['__partial__']), **_from_json(value['kwargs']))
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+_CFG_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'num_classes', 'architecture')
+
+
+def save_converted(model: MasaVisionTransformer, path: str, **source: Any) -> None:
+    """Save a converted model as safetensors, with what `load_converted` needs to rebuild it in the metadata
+    (the ViT and MASA constructor options, the data config, and any `source` notes)."""
+    from safetensors.torch import save_file
+    model = _unwrap(model)
+    cfg = {k: v for k, v in (getattr(model, 'pretrained_cfg', None) or {}).items() if k in _CFG_KEYS}
+    metadata = {
+        'format': 'masa-vit',
+        'vit_kwargs': json.dumps(_to_json(model._vit_kwargs)),
+        'masa_kwargs': json.dumps(_to_json(model.masa_kwargs)),
+        'pretrained_cfg': json.dumps(_to_json(cfg)),
+        'source': json.dumps(_to_json(source), default=str),
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, path, metadata=metadata)
+
+
+def load_converted(path: str, device: Union[str, torch.device] = 'cpu') -> MasaVisionTransformer:
+    """Rebuild a model saved by `save_converted` / `masa-convert` and load its weights."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(path, framework='pt') as f:
+        metadata = f.metadata() or {}
+    if metadata.get('format') != 'masa-vit':
+        raise ValueError(f'{path} was not written by masa-convert / save_converted (no masa-vit metadata); load it '
+                         "with timm.create_model('masa_vit_...', pretrained_cfg_overlay=dict(file=...)) instead")
+    vit_kwargs = _from_json(json.loads(metadata['vit_kwargs']))
+    masa_kwargs = _from_json(json.loads(metadata['masa_kwargs']))
+    model = _build_masa(vit_kwargs, masa_kwargs)
+    model.load_state_dict(load_file(path), strict=True)
+    cfg = _from_json(json.loads(metadata.get('pretrained_cfg', '{}')))
+    model.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', None) or {}, **cfg)
+    return model.to(device).eval()

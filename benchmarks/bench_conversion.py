@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+""" Training-free conversion benchmark: Matrix PCA (+ refinement) vs same-budget SVD baselines.
+
+Trains a small dense ViT on scikit-learn's bundled digits (or loads one, or a timm model + checkpoint + image folder),
+then converts it at several attention compression ratios with:
+
+    * truncated SVD      per-layer rank-r factorization of each Q/K/V/O projection (data-free)
+    * whitened SVD       SVD-LLM: the same with the Cholesky factor of each layer's input autocorrelation
+    * Matrix PCA         the paper's closed-form shared atoms (data-free), one group
+    * Matrix PCA + refine  plus per-block whitened low-rank residual terms, ranks allocated across Q/K/V/O
+    * (+ auto groups)    the same with KL-drift grouping into 2 groups
+
+and reports top-1, agreement with the dense model, mean KL(dense || converted) on held-out images, and attention
+parameters. Prints a markdown table and writes JSON.
+
+    python benchmarks/bench_conversion.py                      # digits ViT (trained, then cached in --out)
+    python benchmarks/bench_conversion.py --model vit_small_patch16_224 --checkpoint vit_s.pth --data-dir imagenet/
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import timm
+from timm.models import VisionTransformer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from masa_vit.conversion import (  # noqa: E402
+    collect_calibration, evaluate_agreement, from_dense, lowrank_rank_for_budget, svd_from_dense,
+)
+
+_logger = logging.getLogger('bench_conversion')
+
+DIGITS_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=4, num_classes=10)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', default='output/bench_conversion', help='output folder (JSON, cached dense model)')
+    p.add_argument('--budgets', type=float, nargs='+', default=[0.2, 0.3, 0.5], help='attention compression ratios')
+    p.add_argument('--calib-images', type=int, default=256, help='calibration images (from the training split)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
+    g = p.add_argument_group('digits model')
+    g.add_argument('--epochs', type=int, default=30)
+    g.add_argument('--retrain', action='store_true', help='train even if a cached dense model exists')
+    g = p.add_argument_group('your own model')
+    g.add_argument('--model', default=None, help='timm ViT name (with --checkpoint and --data-dir)')
+    g.add_argument('--checkpoint', default=None, help='dense checkpoint file for --model')
+    g.add_argument('--data-dir', default=None, help='image folder with train/ and val/ class folders')
+    g.add_argument('--batch-size', type=int, default=64)
+    g.add_argument('--eval-images', type=int, default=None, help='cap on held-out images')
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# digits
+# ---------------------------------------------------------------------------------------------------
+
+def digits_tensors(split: str):
+    """The bundled digits split as normalized (N, 3, 32, 32) tensors and labels (masa_vit.data.DigitsDataset)."""
+    from torchvision.transforms import functional as TF
+    from masa_vit.data import DIGITS_MEAN, DIGITS_STD, DigitsDataset
+    ds = DigitsDataset(split=split)
+    x = torch.stack([TF.normalize(TF.to_tensor(img), DIGITS_MEAN, DIGITS_STD) for img in ds.images])
+    return x, torch.tensor(ds.targets)
+
+
+def random_shift(x: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
+    pad = F.pad(x, [max_shift] * 4, mode='replicate')
+    out = torch.empty_like(x)
+    h, w = x.shape[-2:]
+    offs = torch.randint(0, 2 * max_shift + 1, (x.shape[0], 2))
+    for i, (dy, dx) in enumerate(offs.tolist()):
+        out[i] = pad[i, :, dy:dy + h, dx:dx + w]
+    return out
+
+
+def train_digits_vit(epochs: int, seed: int) -> VisionTransformer:
+    """AdamW lr 1e-3, wd 0.05, one-cycle, batch 64, label smoothing 0.1, random 2 px shifts (FINDINGS.md recipe)."""
+    torch.manual_seed(seed)
+    x, y = digits_tensors('train')
+    model = VisionTransformer(**DIGITS_VIT)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    steps_per_epoch = math.ceil(len(x) / 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=epochs * steps_per_epoch)
+    model.train()
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        perm = torch.randperm(len(x))
+        total = 0.0
+        for i in range(steps_per_epoch):
+            idx = perm[i * 64:(i + 1) * 64]
+            loss = F.cross_entropy(model(random_shift(x[idx])), y[idx], label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        _logger.info('epoch %d loss %.3f (%.0fs)', epoch, total / steps_per_epoch, time.perf_counter() - t0)
+    return model.eval()
+
+
+def batches(x, y, bs):
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+
+
+def load_digits_setup(args):
+    from safetensors.torch import load_file, save_file
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f'dense_digits_vit_e{args.epochs}_s{args.seed}.safetensors')
+    t0 = time.perf_counter()
+    if os.path.exists(path) and not args.retrain:
+        dense = VisionTransformer(**DIGITS_VIT)
+        dense.load_state_dict(load_file(path))
+        dense.eval()
+        source = f'cached {path}'
+    else:
+        dense = train_digits_vit(args.epochs, args.seed)
+        save_file(dense.state_dict(), path)
+        source = f'trained {args.epochs} epochs (seed {args.seed}), saved to {path}'
+    train_s = time.perf_counter() - t0
+    xt, yt = digits_tensors('train')
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(len(xt), generator=g)[:args.calib_images]
+    calib = batches(xt[idx], yt[idx], 64)
+    xv, yv = digits_tensors('val')
+    return dense, calib, batches(xv, yv, 120), dict(model='digits ViT ' + str(DIGITS_VIT), source=source,
+                                                      train_seconds=train_s, eval_images=len(xv))
+
+
+def load_user_setup(args):
+    from masa_vit.data import create_dataset
+    if not (args.checkpoint and args.data_dir):
+        raise SystemExit('--model needs --checkpoint and --data-dir')
+    dense = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint)).eval()
+    cfg = timm.data.resolve_data_config({}, model=dense)
+    tf = timm.data.create_transform(**cfg)
+
+    def loader(split, limit):
+        ds = create_dataset('', root=args.data_dir, split=split, transform=tf)
+        if limit is not None and limit < len(ds):
+            g = torch.Generator().manual_seed(args.seed)
+            ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=g)[:limit].tolist())
+        return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=2)
+    return dense, loader('train', args.calib_images), loader('val', args.eval_images), dict(
+        model=args.model, source=args.checkpoint, eval_images=None)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    dense, calib, val, setup = load_user_setup(args) if args.model else load_digits_setup(args)
+    if not isinstance(dense, VisionTransformer):
+        raise SystemExit(f'{type(dense).__name__} is not a timm VisionTransformer')
+
+    dense_eval = evaluate_agreement(dense, dense, val)
+    _logger.info('dense: %s', dense_eval)
+    stats = collect_calibration(dense, calib, block_logits=False)
+    results = []
+
+    def run(name, budget, fn):
+        t0 = time.perf_counter()
+        model = fn()
+        seconds = time.perf_counter() - t0
+        ev = evaluate_agreement(dense, model, val)
+        rep = model.conversion_report
+        row = dict(method=name, target=budget, attention=rep['params']['attention'],
+                   attention_dense=rep['params']['attention_dense'],
+                   compression=rep['params']['attention_compression'], seconds=seconds, **ev)
+        cfg = rep.get('config') or {}
+        row['detail'] = (f"S={cfg.get('num_atoms')}, groups={cfg.get('groups')}, ranks={cfg.get('refine_rank')}"
+                         if cfg else f"rank={rep.get('rank')}")
+        results.append(row)
+        _logger.info('%-28s %.0f%%: top1 %.2f agree %.2f KL %.4f params %d (%s)', name, 100 * budget,
+                     100 * row.get('top1', float('nan')), 100 * row['agreement'], row['mean_kl'], row['attention'],
+                     row['detail'])
+
+    for budget in args.budgets:
+        if lowrank_rank_for_budget(dense, budget) >= 1:
+            run('truncated SVD', budget, lambda: svd_from_dense(dense, budget))
+            run('whitened SVD (SVD-LLM)', budget, lambda: svd_from_dense(dense, budget, stats=stats))
+        run('Matrix PCA', budget, lambda: from_dense(dense, budget, refine=False))
+        run('Matrix PCA + refine', budget, lambda: from_dense(dense, budget, calib=calib, refine=True))
+        run('Matrix PCA + refine, auto groups', budget,
+            lambda: from_dense(dense, budget, calib=calib, refine=True, groups='auto'))
+
+    total = time.perf_counter() - t_start
+    lines = [
+        f"Dense: {setup['model']}; top-1 {100 * dense_eval['top1']:.2f}% on {dense_eval['num_images']} held-out "
+        f"images; attention params {results[0]['attention_dense']:,}.", '',
+        '| budget | method | top-1 | agreement | mean KL | attention params | compression | config |',
+        '|---:|---|---:|---:|---:|---:|---:|---|',
+    ]
+    for r in results:
+        lines.append(
+            f"| {100 * r['target']:.0f}% | {r['method']} | {100 * r['top1']:.2f} | {100 * r['agreement']:.2f} | "
+            f"{r['mean_kl']:.4f} | {r['attention']:,} | {100 * r['compression']:.1f}% | {r['detail']} |")
+    table = '\n'.join(lines)
+    print(table)
+    print(f'\ntotal {total:.0f}s (dense model: {setup["source"]}), torch threads {torch.get_num_threads()}')
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.join(args.out, 'bench_conversion.json')
+    with open(out, 'w') as f:
+        json.dump(dict(setup=setup, dense=dense_eval, results=results, seconds=total,
+                       threads=torch.get_num_threads(), argv=sys.argv[1:]), f, indent=2, default=str)
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+    main()
