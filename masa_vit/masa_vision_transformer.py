@@ -537,11 +537,29 @@ def _cfg_32(**kwargs) -> Dict[str, Any]:
         mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), **kwargs)
 
 
+def _cfg_from_dense(source: str, **kwargs) -> Dict[str, Any]:
+    """A tag whose weights are a dense timm ViT checkpoint, converted to MASA while loading (Matrix PCA through
+    `checkpoint_filter_fn`; no training). The hub id names the dense source: these are timm's dense weights."""
+    return _cfg(
+        hf_hub_id=f'timm/{source}',
+        mean=IMAGENET_INCEPTION_MEAN,
+        std=IMAGENET_INCEPTION_STD,
+        description=f'timm {source} converted on load to MASA by Matrix PCA (training-free); fine-tune before use.',
+        **kwargs,
+    )
+
+
+# '.scratch*' (no weights) is the default tag (listed after the weighted tag: timm puts the last '*' tag first);
+# the 'mpca_*' tags convert timm's dense weights while loading
 default_cfgs = generate_default_cfgs({
-    'masa_vit_tiny': _cfg(),
-    'masa_vit_small': _cfg(),
-    'masa_vit_base': _cfg(),
-    'masa_vit_large': _cfg(),
+    'masa_vit_tiny.mpca_augreg_in21k_ft_in1k': _cfg_from_dense('vit_tiny_patch16_224.augreg_in21k_ft_in1k'),
+    'masa_vit_tiny.scratch*': _cfg(),  # no weights: the default, for training from scratch
+    'masa_vit_small.mpca_augreg_in21k_ft_in1k': _cfg_from_dense('vit_small_patch16_224.augreg_in21k_ft_in1k'),
+    'masa_vit_small.scratch*': _cfg(),  # no weights: the default, for training from scratch
+    'masa_vit_base.mpca_augreg2_in21k_ft_in1k': _cfg_from_dense('vit_base_patch16_224.augreg2_in21k_ft_in1k'),
+    'masa_vit_base.scratch*': _cfg(),  # no weights: the default, for training from scratch
+    'masa_vit_large.mpca_augreg_in21k_ft_in1k': _cfg_from_dense('vit_large_patch16_224.augreg_in21k_ft_in1k'),
+    'masa_vit_large.scratch*': _cfg(),  # no weights: the default, for training from scratch
     'masa_vit_nano_patch4_32': _cfg_32(),
     'masa_vit_micro_patch4_32': _cfg_32(),
     'masa_vit_microd_patch4_32': _cfg_32(),

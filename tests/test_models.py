@@ -349,3 +349,22 @@ def test_gqa_to_dense_is_exact_multi_head(tiny_kwargs):
         assert (ref(x) - m(x)).abs().max() < 1e-5
     with pytest.raises(ValueError, match='num_kv_heads=3 must divide num_heads=4'):
         timm.create_model('masa_vit_tiny', sharing='gqa', num_kv_heads=3, **tiny_kwargs)
+
+
+def test_pretrained_tag_converts_local_dense_checkpoint_on_load(tmp_path):
+    """The 'mpca_*' tags load a dense timm ViT checkpoint through checkpoint_filter_fn (offline via a local file)."""
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=6, num_heads=4)
+    dense = timm.create_model('vit_tiny_patch16_224', **kw).eval()
+    save_file(dense.state_dict(), tmp_path / 'dense.safetensors')
+    overlay = dict(file=str(tmp_path / 'dense.safetensors'))
+    name = 'masa_vit_tiny.mpca_augreg_in21k_ft_in1k'
+    assert name in timm.list_pretrained('masa_*')
+    assert timm.create_model('masa_vit_tiny').pretrained_cfg['tag'] == 'scratch'  # the default stays untrained
+    exact = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_atoms=6, **kw).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (exact(x) - dense(x)).abs().max() < 1e-5  # S = L: Matrix PCA reconstructs every block exactly
+    compressed = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kw).eval()
+    assert compressed.dictionaries[0].atoms.shape[:2] == (4, 2)
+    torch.testing.assert_close(compressed.head.weight, dense.head.weight)  # non-attention weights are the dense ones
