@@ -1,0 +1,735 @@
+#!/usr/bin/env python3
+""" Speed and memory benchmark: a MASA ViT against its dense twin (same options, `sharing='dense'`).
+
+For every (model, batch size, mode) case the two models run interleaved, run by run (A-B, then B-A on the next
+repeat, so that a drift of the machine's speed hits both alike), after warm-up. Each timing is one run of a fixed
+number of iterations (chosen during warm-up so that a run lasts at least `--min-run-s`), reported as the time per
+iteration: median, inter-quartile range and min/max over the repeats, images/s, and the ratio MASA / dense of the
+medians (plus the median of the per-repeat paired ratios, which cancels slow drifts of a shared machine).
+
+    train   one optimizer step: zero_grad, forward, cross-entropy, backward, AdamW step (broken into fwd/bwd/opt)
+    eval    one forward in eval mode under torch.no_grad() (the MASA eval cache is on: same arithmetic as dense)
+
+Also, unless switched off:
+
+    --memory       peak memory of N training steps, in a fresh subprocess per (model, batch, twin): ru_maxrss on
+                   CPU, torch.cuda.max_memory_allocated on CUDA
+    --conversions  the conversions users wait for: to_dense, coefficient folding, the first eval call after a
+                   training step (cache build), Matrix PCA (convert_state_dict) of masa_vit_base
+    --profile      torch.profiler: where MASA's extra training time goes, op by op against dense; the cost of an
+                   eval cache hit; the weight reconstruction alone (forward + backward of all blocks)
+
+On CUDA everything runs under bf16 autocast. `--compile on|both` adds torch.compile'd twins (compile time reported
+apart from the steady state).
+
+Usage:
+    python benchmarks/bench_speed.py                              # the full grid of issue 6 (hours on a small CPU)
+    python benchmarks/bench_speed.py --preset cpu-quick \\
+        --out output/bench_speed/cpu.json --markdown docs/speed_results_cpu.md        # ~15 min on 2 CPU cores
+    python benchmarks/bench_speed.py --models masa_vit_small --batch-sizes 16 --modes train --repeats 9
+    python benchmarks/bench_speed.py --device cuda --preset full --compile both       # one GPU, bf16 AMP
+
+Presets (explicit --models / --batch-sizes / --modes replace the preset's grid by their product):
+    full        masa_vit_tiny/small/base (224 px) and the three 32 px shapes, batch 1/16/64, train and eval
+    cpu-quick   what decides the targets on a small CPU: masa_vit_small train b16/b64, eval b1/16/64;
+                masa_vit_tiny train b16, eval b1/16; the 32 px shapes train b64, eval b1/b64; memory for the
+                training cases; conversions; profile
+"""
+import argparse
+import copy
+import datetime
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import timm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import masa_vit  # noqa: E402  (registers the masa_vit_* models)
+from masa_vit.attention import AtomLinear  # noqa: E402
+
+_logger = logging.getLogger('bench_speed')
+
+MODELS_224 = ('masa_vit_tiny', 'masa_vit_small', 'masa_vit_base')
+MODELS_32 = ('masa_vit_nano_patch4_32', 'masa_vit_micro_patch4_32', 'masa_vit_microd_patch4_32')
+
+# a preset is a list of grids; each grid is the product of its models, batch sizes and modes
+PRESETS = {
+    'full': dict(
+        grids=[dict(models=MODELS_224 + MODELS_32, batch_sizes=(1, 16, 64), modes=('train', 'eval'))],
+        memory=[dict(models=MODELS_224 + MODELS_32, batch_sizes=(1, 16, 64))],
+        repeats=7, warmup=2,
+    ),
+    'cpu-quick': dict(
+        grids=[
+            dict(models=('masa_vit_small',), batch_sizes=(16, 64), modes=('train',)),
+            dict(models=('masa_vit_small',), batch_sizes=(1, 16, 64), modes=('eval',)),
+            dict(models=('masa_vit_tiny',), batch_sizes=(16,), modes=('train',)),
+            dict(models=('masa_vit_tiny',), batch_sizes=(1, 16), modes=('eval',)),
+            dict(models=MODELS_32, batch_sizes=(64,), modes=('train',)),
+            dict(models=MODELS_32, batch_sizes=(1, 64), modes=('eval',)),
+        ],
+        memory=[
+            dict(models=('masa_vit_small',), batch_sizes=(16, 64)),
+            dict(models=('masa_vit_tiny',), batch_sizes=(16,)),
+            dict(models=MODELS_32, batch_sizes=(64,)),
+        ],
+        repeats=7, warmup=1,
+    ),
+}
+
+# issue 6 targets (MASA / dense, same run)
+TARGETS = dict(train=1.03, eval=1.01, memory=1.00, conversion_s=1.0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--preset', default='full', choices=sorted(PRESETS), help='case grid and defaults (see above)')
+    p.add_argument('--models', nargs='+', default=None, help='masa_vit_* names (replaces the preset grid)')
+    p.add_argument('--batch-sizes', type=int, nargs='+', default=None, help='batch sizes (replaces the preset grid)')
+    p.add_argument('--modes', default=None, help="comma list of 'train', 'eval' (replaces the preset grid)")
+    p.add_argument('--img-size', type=int, default=None, help="override the models' input size (default: theirs)")
+    p.add_argument('--model-kwargs', default='{}', help='JSON kwargs for both twins, e.g. \'{"coef": "mlp"}\'')
+    p.add_argument('--repeats', type=int, default=None, help='timed runs per model (default: the preset\'s)')
+    p.add_argument('--warmup', type=int, default=None, help='untimed warm-up runs per model (default: the preset\'s)')
+    p.add_argument('--min-run-s', type=float, default=0.5, help='each timed run repeats the step to last this long')
+    p.add_argument('--compile', default='off', choices=('off', 'on', 'both'), help='torch.compile the twins')
+    p.add_argument('--grad-checkpointing', action='store_true', help="timm's set_grad_checkpointing for train")
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (bf16 autocast on CUDA)")
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: all CPUs)')
+    p.add_argument('--lr', type=float, default=1e-4, help='AdamW learning rate of the timed steps')
+    p.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True, help='peak memory subprocesses')
+    p.add_argument('--memory-steps', type=int, default=3, help='training steps per memory subprocess')
+    p.add_argument('--conversions', action=argparse.BooleanOptionalAction, default=True, help='time conversions')
+    p.add_argument('--conversion-model', default='masa_vit_base', help='model for the conversion timings')
+    p.add_argument('--profile', action=argparse.BooleanOptionalAction, default=True, help='profiler breakdown')
+    p.add_argument('--profile-model', default='masa_vit_small', help='model for the profile')
+    p.add_argument('--profile-batch', type=int, default=16, help='batch size for the profile')
+    p.add_argument('--out', default='output/bench_speed/results.json', help='JSON results file')
+    p.add_argument('--markdown', default=None, help='also write the markdown tables here')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--memory-worker', default=None, help=argparse.SUPPRESS)  # internal: JSON spec of one worker
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing
+# ---------------------------------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device):
+    if device.type == 'cuda':
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return torch.autocast('cpu', enabled=False)
+
+
+def build_model(name: str, sharing: str, model_kwargs: Dict[str, Any], img_size: Optional[int], seed: int,
+                device: torch.device) -> nn.Module:
+    """One twin: the MASA model ('masa') or the dense twin ('dense') built with the same options and seed."""
+    kwargs = dict(model_kwargs)
+    if img_size is not None:
+        kwargs['img_size'] = img_size
+    if sharing == 'dense':
+        kwargs['sharing'] = 'dense'
+    torch.manual_seed(seed)
+    return timm.create_model(name, **kwargs).to(device)
+
+
+def make_batch(model: nn.Module, batch_size: int, device: torch.device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    size = model.patch_embed.img_size
+    x = torch.randn(batch_size, 3, *size, generator=g).to(device)
+    y = torch.randint(0, model.num_classes, (batch_size,), generator=g).to(device)
+    return x, y
+
+
+class Runner:
+    """One twin, ready to time: model, optimizer, batch, and a step function for the mode."""
+
+    def __init__(self, name, sharing, mode, batch_size, args, device, compiled=False):
+        self.sharing = sharing
+        self.model = build_model(name, sharing, args.model_kwargs, args.img_size, args.seed, device)
+        self.x, self.y = make_batch(self.model, batch_size, device, args.seed)
+        self.device = device
+        self.mode = mode
+        if mode == 'train':
+            self.model.train()
+            if args.grad_checkpointing:
+                self.model.set_grad_checkpointing(True)
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.05)
+        else:
+            self.model.eval()
+        self.fn = torch.compile(self.model) if compiled else self.model
+        self.parts = {'fwd': [], 'bwd': [], 'opt': []}  # per-iteration split of the training step
+
+    def step(self) -> None:
+        if self.mode == 'train':
+            t0 = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            with _autocast(self.device):
+                loss = F.cross_entropy(self.fn(self.x), self.y)
+            _sync(self.device)
+            t1 = time.perf_counter()
+            loss.backward()
+            _sync(self.device)
+            t2 = time.perf_counter()
+            self.opt.step()
+            _sync(self.device)
+            t3 = time.perf_counter()
+            self._last_parts = (t1 - t0, t2 - t1, t3 - t2)
+        else:
+            with torch.no_grad(), _autocast(self.device):
+                self.fn(self.x)
+            _sync(self.device)
+
+    def run(self, iters: int) -> float:
+        """Time `iters` steps; returns seconds per step."""
+        _sync(self.device)
+        sums = [0.0, 0.0, 0.0]
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            self.step()
+            if self.mode == 'train':
+                sums = [a + b for a, b in zip(sums, self._last_parts)]
+        dt = (time.perf_counter() - t0) / iters
+        if self.mode == 'train':
+            for k, v in zip(('fwd', 'bwd', 'opt'), sums):
+                self.parts[k].append(v / iters)
+        return dt
+
+
+def summarize(times: Sequence[float]) -> Dict[str, float]:
+    q = statistics.quantiles(times, n=4, method='inclusive') if len(times) > 1 else [times[0]] * 3
+    return dict(median=statistics.median(times), q25=q[0], q75=q[2], min=min(times), max=max(times), n=len(times))
+
+
+def _loadavg() -> List[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timed cases
+# ---------------------------------------------------------------------------------------------------------------
+
+def time_case(name: str, mode: str, batch_size: int, args, device: torch.device, compiled: bool) -> Dict[str, Any]:
+    """Interleaved timing of the MASA model and its dense twin for one (model, mode, batch) case."""
+    load_before = _loadavg()
+    runners = {s: Runner(name, s, mode, batch_size, args, device, compiled) for s in ('masa', 'dense')}
+    compile_s = {}
+    # the first call (compilation when compiled), then warm-up; calibrate iterations per run on the dense twin
+    for s in ('masa', 'dense'):
+        t0 = time.perf_counter()
+        runners[s].step()
+        compile_s[s] = time.perf_counter() - t0
+    per_iter = []
+    for _ in range(args.warmup):
+        for s in ('masa', 'dense'):
+            per_iter.append(runners[s].run(1))
+    iters = max(1, int(args.min_run_s / max(min(per_iter) if per_iter else compile_s['dense'], 1e-6) + 0.999))
+    for r in runners.values():
+        r.parts = {'fwd': [], 'bwd': [], 'opt': []}
+    times = {'masa': [], 'dense': []}
+    paired = []
+    for rep in range(args.repeats):
+        order = ('masa', 'dense') if rep % 2 == 0 else ('dense', 'masa')
+        for s in order:
+            times[s].append(runners[s].run(iters))
+        paired.append(times['masa'][-1] / times['dense'][-1])
+    res = dict(
+        model=name, mode=mode, batch_size=batch_size, compiled=compiled, device=str(device),
+        grad_checkpointing=bool(args.grad_checkpointing and mode == 'train'),
+        iters_per_run=iters, load_before=load_before, load_after=_loadavg(),
+        params={s: masa_vit.count_params(r.model) for s, r in runners.items()},
+    )
+    for s in ('masa', 'dense'):
+        st = summarize(times[s])
+        st['times'] = times[s]
+        st['images_per_s'] = batch_size / st['median']
+        if mode == 'train':
+            st['parts'] = {k: statistics.median(v) for k, v in runners[s].parts.items()}
+        if compiled:
+            st['first_call_s'] = compile_s[s]
+        res[s] = st
+    res['ratio'] = res['masa']['median'] / res['dense']['median']
+    ps = summarize(paired)
+    res['paired_ratio'] = dict(median=ps['median'], q25=ps['q25'], q75=ps['q75'])
+    target = TARGETS[mode]
+    res['target'] = target
+    res['met'] = res['ratio'] <= target
+    del runners
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Peak memory: a fresh process per (model, batch, twin)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _rss_mb() -> Optional[float]:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's RSS high-water mark (Linux: writing 5 to /proc/self/clear_refs), so that ru_maxrss
+    measures from here and not the transient peak of importing torch."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def memory_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Runs in a fresh process: build one twin, run `steps` training steps, report the peak."""
+    torch.set_num_threads(spec['threads'])
+    device = torch.device(spec['device'])
+    args = argparse.Namespace(
+        model_kwargs=spec['model_kwargs'], img_size=spec['img_size'], seed=spec['seed'], lr=1e-4,
+        grad_checkpointing=spec['grad_checkpointing'])
+    out = dict(peak_reset=_reset_peak_rss())
+    out['rss_start_mb'] = _rss_mb() if out['peak_reset'] else _maxrss_mb()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    r = Runner(spec['model'], spec['sharing'], 'train', spec['batch_size'], args, device)
+    out['rss_built_mb'] = _rss_mb()
+    for _ in range(spec['steps']):
+        r.step()
+    _sync(device)
+    out['rss_peak_mb'] = _maxrss_mb()
+    if device.type == 'cuda':
+        out['cuda_max_allocated_mb'] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    out['params'] = sum(p.numel() for p in r.model.parameters())
+    return out
+
+
+def measure_memory(name: str, batch_size: int, args, device: torch.device) -> Dict[str, Any]:
+    res = dict(model=name, batch_size=batch_size, device=str(device), steps=args.memory_steps,
+               grad_checkpointing=bool(args.grad_checkpointing))
+    for s in ('dense', 'masa'):
+        spec = dict(model=name, sharing=s, batch_size=batch_size, steps=args.memory_steps, device=str(device),
+                    threads=args.threads, model_kwargs=args.model_kwargs, img_size=args.img_size, seed=args.seed,
+                    grad_checkpointing=bool(args.grad_checkpointing))
+        cmd = [sys.executable, os.path.abspath(__file__), '--memory-worker', json.dumps(spec)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f'memory worker failed for {spec}:\n{proc.stderr[-3000:]}')
+        res[s] = json.loads(proc.stdout.strip().splitlines()[-1])
+    key = 'cuda_max_allocated_mb' if device.type == 'cuda' else 'rss_peak_mb'
+    res['metric'] = key
+    res['ratio'] = res['masa'][key] / res['dense'][key]
+    if device.type != 'cuda':
+        # what training adds on top of the interpreter + torch + timm (the same in both processes)
+        above = {s: res[s]['rss_peak_mb'] - res[s]['rss_start_mb'] for s in ('masa', 'dense')}
+        res['ratio_above_start'] = above['masa'] / above['dense'] if above['dense'] > 0 else float('nan')
+    res['target'] = TARGETS['memory']
+    res['met'] = res['ratio'] <= TARGETS['memory']
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversions users wait for
+# ---------------------------------------------------------------------------------------------------------------
+
+def _timeit(fn: Callable[[], Any], repeats: int, setup: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
+    times = []
+    for _ in range(repeats):
+        arg = setup() if setup is not None else None
+        t0 = time.perf_counter()
+        fn(arg) if setup is not None else fn()
+        times.append(time.perf_counter() - t0)
+    st = summarize(times)
+    st['times'] = times
+    return st
+
+
+def time_conversions(args, device: torch.device, repeats: int = 3) -> List[Dict[str, Any]]:
+    from masa_vit.conversion import convert_state_dict, from_dense
+    name = args.conversion_model
+    out = []
+
+    masa = build_model(name, 'masa', args.model_kwargs, args.img_size, args.seed, device).eval()
+    st = _timeit(lambda: masa_vit.to_dense(masa), repeats)
+    out.append(dict(what=f'to_dense({name})', **st, target_s=TARGETS['conversion_s']))
+
+    mlp_kwargs = dict(args.model_kwargs, coef='mlp')
+    st = _timeit(lambda m: m.fold_coefficients(), repeats,
+                 setup=lambda: build_model(name, 'masa', mlp_kwargs, args.img_size, args.seed, device))
+    out.append(dict(what=f"fold_coefficients({name}, coef='mlp')", **st, target_s=TARGETS['conversion_s']))
+
+    dense = build_model(name, 'dense', args.model_kwargs, args.img_size, args.seed, device)
+    dense_sd = {k: v.detach().clone() for k, v in dense.state_dict().items()}
+    st = _timeit(lambda: convert_state_dict(dense_sd, masa), repeats)
+    out.append(dict(what=f'Matrix PCA: convert_state_dict(dense {name} state dict)', **st,
+                    target_s=TARGETS['conversion_s']))
+    st = _timeit(lambda: from_dense(dense, num_atoms=masa.masa_kwargs['num_atoms']), repeats)
+    out.append(dict(what=f'from_dense(dense {name}, num_atoms={masa.masa_kwargs["num_atoms"]}) (builds the model '
+                         f'too; data-free)', **st, target_s=None))
+
+    # the first eval call after a training step pays for composing every block's weights once (the cache build)
+    for s, m in (('masa', masa), ('dense', dense)):
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        x, y = make_batch(m, 1, device, args.seed)
+        first, steady = [], []
+        for _ in range(repeats):
+            m.train()
+            opt.zero_grad(set_to_none=True)
+            with _autocast(device):
+                F.cross_entropy(m(x), y).backward()
+            opt.step()
+            m.eval()
+            for lst in (first, steady, steady):
+                _sync(device)
+                t0 = time.perf_counter()
+                with torch.no_grad(), _autocast(device):
+                    m(x)
+                _sync(device)
+                lst.append(time.perf_counter() - t0)
+        f, sd = statistics.median(first), statistics.median(steady)
+        out.append(dict(what=f'first eval call after a training step ({s} {name}, batch 1)', median=f, min=min(first),
+                        max=max(first), n=len(first), steady_median=sd, extra_s=f - sd,
+                        target_s=TARGETS['conversion_s'] if s == 'masa' else None))
+    for r in out:
+        r['met'] = None if r.get('target_s') is None else r['median'] <= r['target_s']
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profile: where does MASA's extra time go?
+# ---------------------------------------------------------------------------------------------------------------
+
+def profile_breakdown(args, device: torch.device, steps: int = 3) -> Dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile, record_function
+    name, bs = args.profile_model, args.profile_batch
+    res = dict(model=name, batch_size=bs, steps=steps)
+
+    # label the weight composition (instrumentation of this process only; the library is untouched)
+    orig_compose = AtomLinear._compose
+
+    def labelled_compose(self):
+        with record_function('masa::compose'):
+            return orig_compose(self)
+
+    AtomLinear._compose = labelled_compose
+    try:
+        per_op = {}
+        labels = {}
+        for s in ('dense', 'masa'):
+            r = Runner(name, s, 'train', bs, args, device)
+            for _ in range(2):
+                r.step()
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+            with profile(activities=acts) as prof:
+                for _ in range(steps):
+                    r.step()
+            ka = prof.key_averages()
+            per_op[s] = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in ka}
+            labels[s] = {e.key: e.cpu_time_total / 1e3 / steps for e in ka
+                         if e.key in ('masa::compose', 'Optimizer.step#AdamW.step')}
+            del r
+    finally:
+        AtomLinear._compose = orig_compose
+
+    # ops by MASA - dense self CPU time per step
+    keys = set(per_op['dense']) | set(per_op['masa'])
+    rows = []
+    for k in keys:
+        d_ms, d_n = per_op['dense'].get(k, (0.0, 0))
+        m_ms, m_n = per_op['masa'].get(k, (0.0, 0))
+        rows.append(dict(op=k, dense_ms=d_ms, masa_ms=m_ms, diff_ms=m_ms - d_ms, dense_calls=d_n, masa_calls=m_n))
+    rows.sort(key=lambda r: -abs(r['diff_ms']))
+    res['op_diff'] = rows[:18]
+    res['total_self_ms'] = {s: sum(v[0] for v in per_op[s].values()) for s in per_op}
+    res['compose_fwd_ms'] = labels['masa'].get('masa::compose', 0.0)
+    res['adamw_ms'] = {s: labels[s].get('Optimizer.step#AdamW.step', 0.0) for s in labels}
+    comp_bwd = ('BmmBackward0', 'CatBackward0', 'SqueezeBackward1', 'UnsqueezeBackward0', 'SelectBackward0',
+                'SliceBackward0')
+    res['compose_bwd_nodes_ms'] = {
+        s: sum(v[0] for k, v in per_op[s].items() if any(k.endswith(n) for n in comp_bwd)) for s in per_op}
+
+    # the reconstruction alone: compose every block's weights, backward a random gradient into atoms/coefficients
+    m = build_model(name, 'masa', args.model_kwargs, args.img_size, args.seed, device).train()
+    layers = [mod for mod in m.modules() if isinstance(mod, AtomLinear)]
+    grads = [torch.randn(l.out_features, l.in_features, device=device) for l in layers]
+
+    def recon():
+        ws = [l._compose() for l in layers]
+        torch.autograd.backward(ws, grads)
+        m.zero_grad(set_to_none=True)
+        _sync(device)
+
+    recon()
+    res['reconstruction_fwd_bwd_ms'] = _timeit(recon, 7)['median'] * 1e3
+    res['num_atom_linears'] = len(layers)
+
+    # the eval cache: cost of a hit (key check) per layer and per forward
+    m.eval()
+    with torch.no_grad():
+        layers[0].composed_weight()
+        n = 2000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            layers[0].composed_weight()
+        hit_us = (time.perf_counter() - t0) / n * 1e6
+        t0 = time.perf_counter()
+        for _ in range(n):
+            layers[0]._compose()
+        miss_us = (time.perf_counter() - t0) / n * 1e6
+    res['cache_hit_us_per_layer'] = hit_us
+    res['cache_hit_us_per_forward'] = hit_us * len(layers)
+    res['compose_us_per_layer'] = miss_us
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+def machine_info(args) -> Dict[str, Any]:
+    info = dict(
+        python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
+        masa_vit=getattr(masa_vit, '__version__', '?'), platform=platform.platform(),
+        cpu_count=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
+        date=datetime.datetime.now().isoformat(timespec='seconds'),
+    )
+    try:
+        lscpu = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
+        for line in lscpu.splitlines():
+            if line.startswith('Model name:'):
+                info['cpu_model'] = line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    if args.device.startswith('cuda') and torch.cuda.is_available():
+        info['gpu'] = torch.cuda.get_device_name()
+    try:
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+        info['git_commit'] = subprocess.run(
+            ['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True, text=True).stdout.strip()
+        info['model_code_dirty'] = bool(subprocess.run(
+            ['git', 'status', '--porcelain', 'masa_vit'], cwd=root, capture_output=True, text=True).stdout.strip())
+    except OSError:
+        pass
+    return info
+
+
+def _ms(s: float) -> str:
+    return f'{s * 1e3:.1f}' if s < 10 else f'{s * 1e3:.0f}'
+
+
+def _met(ok) -> str:
+    return '' if ok is None else ('yes' if ok else '**no**')
+
+
+def to_markdown(results: Dict[str, Any]) -> str:
+    meta = results['meta']
+    lines = [
+        f"Machine: {meta.get('cpu_model', '?')}, {meta['cpu_count']} CPUs, torch {meta['torch']}, timm {meta['timm']}, "
+        f"{meta['threads']} torch threads, device {meta['device']}" + (f" ({meta['gpu']})" if 'gpu' in meta else '')
+        + f"; {meta['date']}, commit {meta.get('git_commit', '?')}"
+        + (' (+ uncommitted model code)' if meta.get('model_code_dirty') else ''),
+        '',
+        f"Command: `{meta['command']}`",
+        '',
+    ]
+    if results['speed']:
+        lines += [
+            'Time per step in ms: median [IQR] over the interleaved runs; ratio = MASA median / dense median; '
+            'paired = median of the per-repeat ratios. Load = 1-min load average before / after the case.',
+            '',
+            '| model | mode | batch | compiled | dense ms | MASA ms | dense img/s | MASA img/s | ratio | paired | '
+            'target | met | load |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+        ]
+        for r in results['speed']:
+            d, m = r['dense'], r['masa']
+            lines.append(
+                f"| {r['model']} | {r['mode']}{' +ckpt' if r['grad_checkpointing'] else ''} | {r['batch_size']} | "
+                f"{'yes' if r['compiled'] else 'no'} | "
+                f"{_ms(d['median'])} [{_ms(d['q25'])}-{_ms(d['q75'])}] | {_ms(m['median'])} [{_ms(m['q25'])}-"
+                f"{_ms(m['q75'])}] | {d['images_per_s']:.1f} | {m['images_per_s']:.1f} | {r['ratio']:.3f} | "
+                f"{r['paired_ratio']['median']:.3f} | <= {r['target']:.2f} | {_met(r['met'])} | "
+                f"{r['load_before'][0] if r['load_before'] else '?'} / {r['load_after'][0] if r['load_after'] else '?'} |")
+        train = [r for r in results['speed'] if r['mode'] == 'train']
+        if train:
+            lines += ['', 'Training step split (median ms per step: forward + loss / backward / AdamW step):', '',
+                      '| model | batch | dense fwd | MASA fwd | dense bwd | MASA bwd | dense opt | MASA opt |',
+                      '|---|---|---|---|---|---|---|---|']
+            for r in train:
+                dp, mp = r['dense']['parts'], r['masa']['parts']
+                lines.append(f"| {r['model']} | {r['batch_size']} | {_ms(dp['fwd'])} | {_ms(mp['fwd'])} | "
+                             f"{_ms(dp['bwd'])} | {_ms(mp['bwd'])} | {_ms(dp['opt'])} | {_ms(mp['opt'])} |")
+        comp = [r for r in results['speed'] if r['compiled']]
+        if comp:
+            lines += ['', 'Compile (first call) s: ' + '; '.join(
+                f"{r['model']} {r['mode']} b{r['batch_size']}: dense {r['dense']['first_call_s']:.1f}, "
+                f"MASA {r['masa']['first_call_s']:.1f}" for r in comp)]
+    if results['memory']:
+        cuda = results['memory'][0]['metric'] == 'cuda_max_allocated_mb'
+        lines += ['', f"Peak training memory ({results['memory'][0]['steps']} AdamW steps, fresh process per twin; "
+                      + ('torch.cuda.max_memory_allocated' if cuda else
+                         'ru_maxrss with the high-water mark reset after the imports; "above start" subtracts the RSS of the interpreter + torch + timm at that point') + '):', '']
+        if cuda:
+            lines += ['| model | batch | dense MiB | MASA MiB | ratio | target | met |', '|---|---|---|---|---|---|---|']
+            for r in results['memory']:
+                lines.append(f"| {r['model']} | {r['batch_size']} | {r['dense']['cuda_max_allocated_mb']:.0f} | "
+                             f"{r['masa']['cuda_max_allocated_mb']:.0f} | {r['ratio']:.3f} | <= 1.00 | {_met(r['met'])} |")
+        else:
+            lines += ['| model | batch | dense peak MiB | MASA peak MiB | ratio | dense above start | MASA above start | '
+                      'ratio above start | target | met |', '|---|---|---|---|---|---|---|---|---|---|']
+            for r in results['memory']:
+                d, m = r['dense'], r['masa']
+                lines.append(
+                    f"| {r['model']} | {r['batch_size']} | {d['rss_peak_mb']:.0f} | {m['rss_peak_mb']:.0f} | "
+                    f"{r['ratio']:.3f} | {d['rss_peak_mb'] - d['rss_start_mb']:.0f} | "
+                    f"{m['rss_peak_mb'] - m['rss_start_mb']:.0f} | {r['ratio_above_start']:.3f} | <= 1.00 | "
+                    f"{_met(r['met'])} |")
+    if results['conversions']:
+        lines += ['', 'Conversions (seconds, median of the repeats):', '',
+                  '| what | median s | min s | max s | target | met |', '|---|---|---|---|---|---|']
+        for r in results['conversions']:
+            extra = f" (steady eval call {r['steady_median']:.3f} s: the first costs {r['extra_s'] * 1e3:+.0f} ms)" \
+                if 'steady_median' in r else ''
+            lines.append(f"| {r['what']}{extra} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | "
+                         f"{'< %g s' % r['target_s'] if r.get('target_s') else ''} | {_met(r.get('met'))} |")
+    prof = results.get('profile')
+    if prof:
+        lines += [
+            '', f"Profile: {prof['model']} training step, batch {prof['batch_size']}, torch.profiler, per step "
+                f"(mean of {prof['steps']}; the profiler's own overhead inflates small ops):", '',
+            f"- self CPU time, all ops: dense {prof['total_self_ms']['dense']:.0f} ms, "
+            f"MASA {prof['total_self_ms']['masa']:.0f} ms",
+            f"- weight composition forward (`masa::compose`, {prof['num_atom_linears']} layers): "
+            f"{prof['compose_fwd_ms']:.1f} ms",
+            f"- composition backward nodes (Bmm/Cat/Squeeze/Unsqueeze/Select/Slice backward, self time): "
+            f"dense {prof['compose_bwd_nodes_ms']['dense']:.1f} ms, MASA {prof['compose_bwd_nodes_ms']['masa']:.1f} ms",
+            f"- AdamW step: dense {prof['adamw_ms']['dense']:.1f} ms, MASA {prof['adamw_ms']['masa']:.1f} ms",
+            f"- the reconstruction alone (compose all {prof['num_atom_linears']} layers + backward, unprofiled): "
+            f"{prof['reconstruction_fwd_bwd_ms']:.1f} ms",
+            f"- eval cache hit: {prof['cache_hit_us_per_layer']:.1f} us per layer, "
+            f"{prof['cache_hit_us_per_forward'] / 1e3:.2f} ms per forward (a miss composes in "
+            f"{prof['compose_us_per_layer']:.0f} us per layer)",
+            '', '| op | dense ms | MASA ms | MASA - dense ms | dense calls | MASA calls |', '|---|---|---|---|---|---|',
+        ]
+        for r in prof['op_diff']:
+            lines.append(f"| `{r['op']}` | {r['dense_ms']:.1f} | {r['masa_ms']:.1f} | {r['diff_ms']:+.1f} | "
+                         f"{r['dense_calls']} | {r['masa_calls']} |")
+    return '\n'.join(lines) + '\n'
+
+
+def _cases(grids):
+    for g in grids:
+        for name in g['models']:
+            for mode in g['modes']:
+                for bs in g['batch_sizes']:
+                    yield name, mode, bs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_worker is not None:
+        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
+        return
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+    preset = PRESETS[args.preset]
+    args.threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(args.threads)
+    args.model_kwargs = json.loads(args.model_kwargs)
+    args.repeats = args.repeats or preset['repeats']
+    args.warmup = preset['warmup'] if args.warmup is None else args.warmup
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda given but torch.cuda.is_available() is False')
+    grids, mem_grids = preset['grids'], preset['memory']
+    if args.models or args.batch_sizes or args.modes:
+        models = args.models or sorted({m for g in grids for m in g['models']})
+        bss = args.batch_sizes or sorted({b for g in grids for b in g['batch_sizes']})
+        modes = args.modes.split(',') if args.modes else ['train', 'eval']
+        grids = [dict(models=models, batch_sizes=bss, modes=modes)]
+        mem_grids = [dict(models=models, batch_sizes=bss)] if 'train' in modes else []
+    compiled_flags = {'off': [False], 'on': [True], 'both': [False, True]}[args.compile]
+
+    results = dict(meta=machine_info(args), speed=[], memory=[], conversions=[], profile=None)
+    results['meta']['command'] = 'python ' + ' '.join([os.path.relpath(__file__)] + sys.argv[1:])
+    results['meta']['load_start'] = _loadavg()
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, 'w') as f:
+            json.dump(results, f, indent=1)
+        if args.markdown:
+            os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+            with open(args.markdown, 'w') as f:
+                f.write(to_markdown(results))
+
+    for compiled in compiled_flags:
+        for name, mode, bs in _cases(grids):
+            t0 = time.perf_counter()
+            try:
+                r = time_case(name, mode, bs, args, device, compiled)
+            except Exception as e:  # compile unsupported on this platform: record it and go on
+                if not compiled:
+                    raise
+                _logger.warning('torch.compile failed for %s %s b%d: %r', name, mode, bs, e)
+                results['speed'].append(dict(model=name, mode=mode, batch_size=bs, compiled=True, error=repr(e)))
+                continue
+            results['speed'].append(r)
+            _logger.info('%s %s b%d%s: dense %.1f ms, MASA %.1f ms, ratio %.3f (paired %.3f) [%.0f s]', name, mode,
+                         bs, ' compiled' if compiled else '', r['dense']['median'] * 1e3, r['masa']['median'] * 1e3,
+                         r['ratio'], r['paired_ratio']['median'], time.perf_counter() - t0)
+            save()
+    if args.memory:
+        for g in mem_grids:
+            for name in g['models']:
+                for bs in g['batch_sizes']:
+                    r = measure_memory(name, bs, args, device)
+                    results['memory'].append(r)
+                    _logger.info('memory %s b%d: ratio %.3f', name, bs, r['ratio'])
+                    save()
+    if args.conversions:
+        results['conversions'] = time_conversions(args, device)
+        for r in results['conversions']:
+            _logger.info('%s: %.3f s', r['what'], r['median'])
+        save()
+    if args.profile:
+        results['profile'] = profile_breakdown(args, device)
+        save()
+    results['meta']['load_end'] = _loadavg()
+    # compile errors go into JSON only; the table lists measured cases
+    errors = [r for r in results['speed'] if 'error' in r]
+    results['speed'] = [r for r in results['speed'] if 'error' not in r]
+    results['compile_errors'] = errors
+    save()
+    print(to_markdown(results))
+
+
+if __name__ == '__main__':
+    main()

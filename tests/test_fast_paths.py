@@ -1,0 +1,347 @@
+""" Correctness of the fast paths the speed benchmark relies on (benchmarks/bench_speed.py, docs/speed.md).
+
+What is checked here: gradient checkpointing and DDP with the per-block weight reconstruction, and the eval weight
+cache (bit-identical to the uncached and to the exported dense arithmetic, contiguous, bypassed whenever autograd
+or a compiler is involved, and invalidated by whatever changes the weights). Never wall-clock time: speed is the
+benchmark's job. The basic cache tests (reuse, optimizer step, load_state_dict, train(), double()) are in
+test_attention.py.
+"""
+import copy
+import os
+import socket
+import tempfile
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+
+import masa_vit
+from masa_vit import AtomLinear
+from masa_vit.masa_vision_transformer import SHARING_METHODS
+
+
+def _atom_linears(m):
+    return [mod for mod in m.modules() if isinstance(mod, AtomLinear)]
+
+
+def _uncached(m, x):
+    """Eval output of a deep copy whose caches are empty (the reference the cache must reproduce exactly)."""
+    ref = copy.deepcopy(m)
+    ref.clear_cache()
+    with torch.no_grad():
+        return ref(x)
+
+
+VARIANTS = [dict(sharing=s) for s in SHARING_METHODS] + [
+    dict(coef='mlp'), dict(dictionary='common'), dict(groups=2), dict(refine_rank=2), dict(share='qkv'),
+    dict(share='qkvo+mlp'),
+]
+
+
+def _id(v):
+    return ','.join(f'{k}={v}' for k, v in v.items())
+
+
+@pytest.mark.parametrize('opts', VARIANTS, ids=_id)
+def test_grad_checkpointing_same_outputs_and_grads(opts, tiny_kwargs):
+    """timm's non-reentrant checkpointing recomputes the composed weights in backward: same grads everywhere."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **dict(tiny_kwargs, depth=4), **opts)
+    x = torch.randn(2, 3, 32, 32)
+    out = m(x)
+    out.logsumexp(-1).mean().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    m.set_grad_checkpointing(True)
+    out_ckpt = m(x)
+    out_ckpt.logsumexp(-1).mean().backward()
+    torch.testing.assert_close(out_ckpt, out, rtol=0, atol=0)
+    for n, p in m.named_parameters():
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDP (gloo, 2 processes on CPU): shared atoms get the same gradients as one process on the whole batch
+# ---------------------------------------------------------------------------------------------------------------
+
+DDP_CONFIGS = [dict(), dict(coef='mlp', groups=2)]
+DDP_BATCH = 4
+
+
+def _ddp_reference(tiny_kwargs, opts, ckpt):
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs, **opts)
+    m.set_grad_checkpointing(ckpt)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(DDP_BATCH, 3, 32, 32, generator=g)
+    y = torch.randint(0, tiny_kwargs['num_classes'], (DDP_BATCH,), generator=g)
+    return m, x, y
+
+
+def _ddp_step(model, ddp_model, x, y):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    F.cross_entropy(ddp_model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    ddp_model.eval()
+    with torch.no_grad():
+        ddp_model(x)  # builds the eval cache
+        out = ddp_model(x)  # uses it
+    return grads, out
+
+
+def _ddp_worker(rank, world, port, tiny_kwargs, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    try:
+        results = []
+        for opts in DDP_CONFIGS:
+            for ckpt in (False, True):
+                m, x, y = _ddp_reference(tiny_kwargs, opts, ckpt)
+                per = DDP_BATCH // world
+                ddp = torch.nn.parallel.DistributedDataParallel(m)
+                grads, _ = _ddp_step(m, ddp, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
+                with torch.no_grad():
+                    out = m(x)  # the whole batch, cached weights, after the step
+                results.append(dict(grads=grads, out=out))
+        torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_process(tiny_kwargs):
+    """DDP over shared atoms (used by every block, registered once): the averaged half-batch gradients equal the
+    whole-batch gradients of one process, with and without grad checkpointing, and the models stay identical."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_kwargs, d), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(d, f'rank{r}.pt')) for r in range(2)]
+    i = 0
+    for opts in DDP_CONFIGS:
+        for ckpt in (False, True):
+            m, x, y = _ddp_reference(tiny_kwargs, opts, ckpt)
+            grads, _ = _ddp_step(m, m, x, y)
+            with torch.no_grad():
+                out = m(x)
+            for r in ranks:
+                got = r[i]
+                assert set(got['grads']) == set(grads)
+                for n, g in grads.items():
+                    torch.testing.assert_close(got['grads'][n], g, atol=1e-6, rtol=1e-4, msg=f'{opts} ckpt={ckpt} {n}')
+                torch.testing.assert_close(got['out'], out, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(ranks[0][i]['out'], ranks[1][i]['out'], rtol=0, atol=0)
+            i += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eval cache: same arithmetic as dense
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('opts', VARIANTS, ids=_id)
+def test_cached_eval_is_bitwise_the_dense_export(opts, tiny_kwargs):
+    """The cached weights are contiguous and give the exported dense model's outputs bit for bit."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **dict(tiny_kwargs, depth=4), **opts).eval()
+    dense = masa_vit.to_dense(m).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = m(x)
+        torch.testing.assert_close(out, dense(x), rtol=0, atol=0)
+        torch.testing.assert_close(m(x), _uncached(m, x), rtol=0, atol=0)
+    for layer in _atom_linears(m):
+        assert layer._cache is not None and layer._cache[1].is_contiguous()
+
+
+_AUTOCAST_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "the eval cache composes its weights under the caller's autocast (bmm in bf16) and keys them on the parameters "
+    "only: under autocast they differ from the dense weights, and a later fp32 eval reuses the bf16 weights (dtype "
+    "error); see docs/speed.md (the fix: compose the cached weights with autocast disabled)"))
+
+
+@_AUTOCAST_XFAIL
+def test_cached_eval_under_cpu_autocast_matches_dense_export(tiny_kwargs):
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs).eval()
+    dense = masa_vit.to_dense(m).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = m(x)
+        out2 = m(x)
+        ref = dense(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(out2, ref, rtol=0, atol=0)
+
+
+@_AUTOCAST_XFAIL
+def test_fp32_eval_after_autocast_eval(tiny_kwargs):
+    """Validation under AMP, then a plain fp32 eval call (no train() in between): fp32 weights, fp32 result."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            m(x)
+        out = m(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, _uncached(m, x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eval cache: never used with autograd, rebuilt whenever the weights change
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_eval_mode_with_grad_bypasses_cache_and_trains(tiny_kwargs):
+    """A populated cache must not cut the graph: eval mode + grad gives the same gradients as train mode (no
+    dropout in these models), and training mode never populates the cache."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    m(x).square().mean().backward()
+    assert all(layer._cache is None for layer in _atom_linears(m))
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    m.eval()
+    with torch.no_grad():
+        m(x)
+    cached = {id(layer): layer._cache[1] for layer in _atom_linears(m)}
+    w = _atom_linears(m)[0].composed_weight()
+    assert w.requires_grad and w is not cached[id(_atom_linears(m)[0])]
+    m(x).square().mean().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=0, atol=0, msg=n)
+
+
+def test_inference_mode(tiny_kwargs):
+    """inference_mode uses the cache like no_grad, bit for bit; its inference tensors never leak into autograd."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+    m.clear_cache()
+    with torch.inference_mode():
+        out = m(x)  # cache built under inference_mode
+        out2 = m(x)
+    with torch.no_grad():
+        out3 = m(x)  # and reused under no_grad
+    for o in (out, out2, out3):
+        torch.testing.assert_close(o, ref, rtol=0, atol=0)
+    # autograd after inference_mode: eval + grad and train both work (the cached inference tensor is bypassed)
+    m(x).sum().backward()
+    m.train()
+    m(x).sum().backward()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt.step()
+    m.eval()
+    with torch.inference_mode():
+        after = m(x)
+    torch.testing.assert_close(after, _uncached(m, x), rtol=0, atol=0)
+    assert (after - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float64])
+def test_cache_follows_dtype_moves(dtype, tiny_kwargs):
+    """.to(dtype) and back: each eval call uses weights of the current dtype and values."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        m.to(dtype)
+        out = m(x.to(dtype))
+        assert out.dtype == dtype
+        assert all(layer._cache[1].dtype == dtype for layer in _atom_linears(m))
+        torch.testing.assert_close(out, _uncached(m, x.to(dtype)), rtol=0, atol=0)
+        m.to(torch.float32)
+        back = m(x)
+        assert back.dtype == torch.float32
+        torch.testing.assert_close(back, _uncached(m, x), rtol=0, atol=0)
+        if dtype == torch.float64:  # float32 -> float64 -> float32 is exact
+            torch.testing.assert_close(back, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('opt_kwargs', [
+    dict(foreach=False),
+    dict(foreach=True),
+    pytest.param(dict(fused=True), marks=pytest.mark.xfail(strict=True, reason=(
+        "fused AdamW updates parameters without bumping their version counters, so an eval cache built before a "
+        "step taken in eval mode survives it; see docs/speed.md (the fix: count optimizer steps in the cache key)"))),
+], ids=lambda k: ','.join(k))
+def test_cache_invalidated_by_adamw_step_in_eval_mode(opt_kwargs, tiny_kwargs):
+    """Training in eval mode (no dropout) with an eval call before and after the step: the second sees the update."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs).eval()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, **opt_kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = m(x)
+    m(x).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        after = m(x)
+    assert (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(after, _uncached(m, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('foreach', [True, False])
+def test_cache_invalidated_by_ema_update(foreach, tiny_kwargs):
+    """timm's ModelEmaV3 (lerp into the EMA copy's state dict tensors): the EMA model's cache follows."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs)
+    ema = ModelEmaV3(m, decay=0.5, foreach=foreach)
+    ema.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = ema(x)
+        for p in m.parameters():
+            p.add_(0.05)
+    ema.update(m, step=100)
+    with torch.no_grad():
+        after = ema(x)
+    assert (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(after, _uncached(ema.module, x), rtol=0, atol=0)
+
+
+def test_fold_coefficients_invalidates_cache(tiny_kwargs):
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', coef='mlp', **tiny_kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        m.fold_coefficients()
+        assert all(layer._cache is None for layer in _atom_linears(m))
+        torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=1e-6)
+        # the folded coefficients are new tensors: an update to them must reach the cached weights
+        m.dictionaries[0].coef.mul_(2.0)
+        torch.testing.assert_close(m(x), _uncached(m, x), rtol=0, atol=0)
+
+
+def test_compiled_eval_sees_parameter_updates(tiny_kwargs):
+    """torch.compile traces the composition (no cache inside a graph): a compiled eval model follows an
+    optimizer step on the eager parameters instead of keeping weights baked in at compile time."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', num_atoms=1, **dict(tiny_kwargs, depth=2)).eval()
+    compiled = torch.compile(m)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = compiled(x)
+        torch.testing.assert_close(before, _uncached(m, x), atol=1e-5, rtol=1e-5)
+    assert all(layer._cache is None for layer in _atom_linears(m))  # the cache stays out of compiled graphs
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(x).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        after = compiled(x)
+    assert (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(after, _uncached(m, x), atol=1e-5, rtol=1e-5)
