@@ -95,7 +95,7 @@ class AtomLinear(nn.Module):
             self.lowrank[f'{p}_v'] = nn.Parameter(torch.zeros(r, in_features, **dd))
         self.lowrank_ranks = dict(lowrank)
         self._segments = self._build_segments()
-        self._cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._cache: Optional[Tuple[List[torch.Tensor], List[Tuple[int, int]], torch.Tensor]] = None
         self.init_weights()
 
     def _build_segments(self) -> List[tuple]:
@@ -158,19 +158,36 @@ class AtomLinear(nn.Module):
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
     def _dependencies(self) -> List[torch.Tensor]:
-        deps = list(self.parameters())
-        if self.dictionary is not None:
-            deps += list(self.dictionary.parameters())
+        """Every tensor the composed weight depends on (direct dict access: this runs on every cached eval call)."""
+        deps = [p for p in self._parameters.values() if p is not None]
+        deps.extend(self.lowrank._parameters.values())
+        d = self.dictionary
+        if d is not None:
+            deps.extend(d._parameters.values())
+            mlp = d._modules.get('coef_mlp')
+            if mlp is not None:
+                deps.extend(mlp.parameters())
         return deps
 
     def composed_weight(self) -> torch.Tensor:
         """The full (out, in) weight of this block, from the eval cache when that is valid."""
         if self.training or torch.is_grad_enabled() or _is_tracing():
             return self._compose()
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in self._dependencies())
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._compose().contiguous())
-        return self._cache[1]
+        cache = self._cache
+        if cache is not None:
+            deps, key, weight = cache
+            # valid while no tensor was modified in place (version counter) or swapped (.to(), .data = ...)
+            if all(t._version == v and t.data_ptr() == p for t, (v, p) in zip(deps, key)):
+                return weight
+        deps = self._dependencies()
+        weight = self._compose().contiguous()
+        self._cache = (deps, [(t._version, t.data_ptr()) for t in deps], weight)
+        return weight
+
+    @property
+    def cached_weight(self) -> Optional[torch.Tensor]:
+        """The eval-mode cached weight, or None when nothing is cached."""
+        return self._cache[2] if self._cache is not None else None
 
     def clear_cache(self) -> None:
         self._cache = None
@@ -182,6 +199,10 @@ class AtomLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache = None
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None  # device / dtype moves (parameters may be replaced, not only modified)
+        return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
         state = self.__dict__.copy()

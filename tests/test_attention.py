@@ -76,9 +76,9 @@ class TestEvalCache:
         with torch.no_grad():
             out1 = m(x)
             qkv = m.blocks[0].attn.qkv
-            cached = qkv._cache[1]
+            cached = qkv.cached_weight
             out2 = m(x)
-            assert qkv._cache[1] is cached  # reused, not rebuilt
+            assert qkv.cached_weight is cached  # reused, not rebuilt
         uncached = m(x)  # grad enabled: never cached
         torch.testing.assert_close(out1, out2, rtol=0, atol=0)
         torch.testing.assert_close(out1, uncached.detach(), rtol=0, atol=0)
@@ -111,7 +111,7 @@ class TestEvalCache:
             m.load_state_dict(other.state_dict())
             torch.testing.assert_close(m(x), other.eval()(x), rtol=0, atol=0)
         m.train()
-        assert all(mod._cache is None for mod in m.modules() if isinstance(mod, AtomLinear))
+        assert all(mod.cached_weight is None for mod in m.modules() if isinstance(mod, AtomLinear))
         m.eval()
         with torch.no_grad():
             ref = m(x)
