@@ -42,7 +42,7 @@ from .attention import AtomLinear
 from .masa_vision_transformer import MasaVisionTransformer, count_params, parse_share, resolve_groups
 from .matrix_pca import (
     allocate_ranks, cholesky_factor, kl_group_starts, layer_kl_drift, matrix_pca, matrix_pca_common,
-    truncated_svd, whitened_lowrank,
+    matrix_pca_spectrum, truncated_svd, whitened_lowrank,
 )
 
 __all__ = [
@@ -762,6 +762,7 @@ def from_dense(
         calibration=dict(num_images=stats.num_images, num_tokens=stats.num_tokens) if stats else None,
         kl_drift=[float(x) for x in drift] if drift is not None else None,
         plan_candidates=plan['candidates'],
+        atom_energy=_atom_energy(weights, bounds, kinds, plan['num_atoms']),
         layers=_layer_errors(dense_state, model, weights, chol),
         seconds=dict(plan=t_plan - t0, convert=t_convert - t_plan),
     )
@@ -778,6 +779,18 @@ def from_dense(
                  attn_dense, counts['attention'], 100 * report['params']['attention_compression'], plan['num_atoms'], ranks,
                  report['seconds']['total'])
     return model
+
+
+def _atom_energy(weights, bounds, kinds, atoms_per_group) -> List[Dict[str, Any]]:
+    """How much the blocks of each group share: the fraction of sum_l ||W_l||^2 the S atoms capture, next to S / L,
+    what they capture when the layers share nothing (a flat Gram spectrum)."""
+    rows = []
+    for g, ((a, b), s) in enumerate(zip(bounds, atoms_per_group)):
+        for k in kinds:
+            eig = matrix_pca_spectrum(torch.stack([weights[(l, k)] for l in range(a, b)]))
+            rows.append(dict(group=g, proj=k, atoms=s, blocks=b - a, captured=float(eig[:s].sum() / eig.sum()),
+                             uniform=s / (b - a)))
+    return rows
 
 
 def _param_breakdown(model: MasaVisionTransformer) -> Dict[str, int]:
@@ -907,6 +920,10 @@ def report_to_markdown(report: Mapping[str, Any]) -> str:
         else:
             lines.append(f"| - | - | - | {100 * ev['agreement']:.2f} | {ev['mean_kl']:.4f} |")
         lines.append('')
+    if report.get('atom_energy'):
+        lines += ['Energy of the dense weights captured by the atoms (Matrix PCA; S/L when the blocks share nothing): '
+                  + ', '.join(f"g{r['group']} {r['proj']} {r['captured']:.3f} ({r['uniform']:.3f})"
+                              for r in report['atom_energy']), '']
     if report.get('kl_drift'):
         lines += ['KL drift between consecutive blocks: ' + ', '.join(f'{x:.3g}' for x in report['kl_drift']), '']
     rows = report.get('layers') or []

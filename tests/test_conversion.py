@@ -295,3 +295,81 @@ def test_bad_inputs(dense, calib):
         convert_state_dict(small, target)
     with pytest.raises(ValueError, match='no images'):
         collect_calibration(dense, [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# masa-convert
+# ---------------------------------------------------------------------------------------------------
+
+CLI_KW = ['img_size=32', 'patch_size=8', 'embed_dim=32', 'depth=6', 'num_heads=4', 'num_classes=5']
+
+
+@pytest.fixture(scope='module')
+def cli_files(tmp_path_factory):
+    from PIL import Image
+    from safetensors.torch import save_file
+    root = tmp_path_factory.mktemp('cli')
+    dense = _shared_structure_vit()
+    ckpt = root / 'dense.safetensors'
+    save_file(dense.state_dict(), str(ckpt))
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('calib', 12), ('eval', 10)):
+        for i in range(n):
+            folder = root / split / str(i % 5)
+            folder.mkdir(parents=True, exist_ok=True)
+            img = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(img).resize((32, 32)).save(folder / f'{i}.png')
+    (root / 'empty').mkdir()
+    return root, dense
+
+
+def test_cli_converts_and_reports(cli_files):
+    from masa_vit.convert_cli import main
+    root, dense = cli_files
+    out = root / 'out.safetensors'
+    rc = main(['vit_tiny_patch16_224', '--checkpoint', str(root / 'dense.safetensors'), '--model-kwargs', *CLI_KW,
+               '--attn-compression', '0.3', '--calib-dir', str(root / 'calib'), '--eval-dir', str(root / 'eval'),
+               '--groups', 'auto', '--workers', '0', '--output', str(out)])
+    assert rc == 0
+    report = json.loads((root / 'out.json').read_text())
+    assert (root / 'out.md').read_text().startswith('# MASA conversion report')
+    attn_dense = count_params(dense)['attention']
+    assert report['params']['attention'] <= math.floor(0.7 * attn_dense)
+    assert report['calibration']['num_images'] == 12
+    assert report['eval']['data'] == 'held-out' and report['eval']['num_images'] == 10
+    assert 0 <= report['eval']['top1'] <= 1
+    assert len(report['config']['groups']) == 2
+    model = load_converted(str(out))
+    assert count_params(model)['attention'] == report['params']['attention']
+    # the saved model is the dense model's conversion: same head, and the per-layer errors of the report
+    assert torch.equal(model.head.weight, dense.head.weight)
+    back, ref = to_dense(model).state_dict(), dense.state_dict()
+    for row in report['layers']:
+        name = f"blocks.{row['block']}.attn." + ('proj' if row['proj'] == 'o' else 'qkv')
+        j = 0 if row['proj'] == 'o' else 'qkv'.index(row['proj'])
+        w, w_hat = ref[f'{name}.weight'][32 * j:32 * (j + 1)], back[f'{name}.weight'][32 * j:32 * (j + 1)]
+        assert ((w - w_hat).norm() / w.norm()).item() == pytest.approx(row['rel_error'], rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--atoms', '7'], 'larger than group'),
+    (['--atoms', '2', '--calib-dir', '{root}/empty'], 'holds no images'),
+    (['--atoms', '2', '--model-kwargs', *CLI_KW[:2], 'embed_dim=64', *CLI_KW[3:]], 'does not fit'),
+])
+def test_cli_bad_input(cli_files, caplog, extra, message):
+    from masa_vit.convert_cli import main
+    root, _ = cli_files
+    extra = [e.format(root=root) for e in extra]
+    args = ['vit_tiny_patch16_224', '--checkpoint', str(root / 'dense.safetensors'), '--output', str(root / 'x.st')]
+    if '--model-kwargs' not in extra:
+        args += ['--model-kwargs', *CLI_KW]
+    assert main(args + extra) == 2
+    assert message in caplog.text
+
+
+def test_cli_refuses_non_vit(cli_files, caplog):
+    from masa_vit.convert_cli import main
+    root, _ = cli_files
+    assert main(['resnet10t', '--checkpoint', str(root / 'dense.safetensors'), '--atoms', '2',
+                 '--model-kwargs', 'num_classes=5', '--output', str(root / 'x.st')]) == 2
+    assert 'not a ViT' in caplog.text
