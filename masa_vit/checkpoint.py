@@ -62,7 +62,7 @@ def save_atomic(obj: Any, path: str) -> None:
 def _unsafe_globals(path: str) -> str:
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (AttributeError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile):
+    except (AttributeError, RuntimeError, OSError, pickle.UnpicklingError, zipfile.BadZipFile):
         return ''
     return ', '.join(names)
 
@@ -100,7 +100,7 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
             f"{' (' + names + ')' if names else ''}, and checkpoints are only loaded as tensors and plain data "
             f"(torch.load weights_only=True or .safetensors); nothing in it was run. If you trust where the file "
             f"comes from, re-save its state dict as plain tensors (e.g. with safetensors) and load that.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f'{path} is not a readable checkpoint (truncated or corrupt?): {e}') from e
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'{path} holds a {type(checkpoint).__name__}, not a state dict or training checkpoint.')

@@ -212,7 +212,11 @@ def create_dataset(
         return DigitsDataset(split=split)
     if name in ('', 'folder', 'imagefolder', 'image_folder'):
         folder = _folder_split(root, split)
-        dataset = ImageFolderDataset(folder, split=split, class_map=class_map, bad_images=bad_images, **kwargs)
+        try:
+            dataset = ImageFolderDataset(folder, split=split, class_map=class_map, bad_images=bad_images, **kwargs)
+        except RuntimeError as e:  # timm's folder reader: 'Found 0 images in subfolders of ...'
+            raise DataError(f'data folder {folder} holds no images (expected {folder}/<class>/<image files>): '
+                            f'{e}') from e
         if len(dataset) == 0:
             raise DataError(f'data folder {folder} holds no images (expected {folder}/<class>/<image files>).')
         return dataset

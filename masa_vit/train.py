@@ -261,7 +261,8 @@ def _build_parsers():
     group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
     group.add_argument('--train-interpolation', type=str, default='random',
                        help='training interpolation (random, bilinear, bicubic default: "random")')
-    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate (default: 0.)')
+    group.add_argument('--drop', type=float, default=None, metavar='PCT',
+                       help='dropout rate (default: None, model default)')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT',
                        help='drop path rate (default: None, model default)')
 
@@ -821,10 +822,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 _logger.warning(f'model_kwargs sets {key}={model_kwargs[key]!r} but {source} was trained with '
                                 f'{key}={value!r}: using the checkpoint\'s.')
         model_kwargs.update(masa_kwargs)
+    # flags given a value win over the same option in model_kwargs
+    for key, value in (('drop_rate', args.drop), ('drop_path_rate', args.drop_path), ('global_pool', args.gp)):
+        if value is not None:
+            model_kwargs[key] = value
     try:
-        model = create_model(
-            args.model, pretrained=args.pretrained, num_classes=num_classes, drop_rate=args.drop,
-            drop_path_rate=args.drop_path, global_pool=args.gp, **model_kwargs)
+        model = create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **model_kwargs)
     except (TypeError, ValueError, RuntimeError) as e:
         raise TrainError(f'cannot build model {args.model!r} with {model_kwargs}: {e}') from e
     if args.grad_checkpointing:
