@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 from masa_vit.conversion import (  # noqa: E402
     collect_calibration, evaluate_agreement, from_dense, lowrank_rank_for_budget, svd_from_dense,
 )
+from masa_vit.matrix_pca import matrix_pca_spectrum  # noqa: E402
 
 _logger = logging.getLogger('bench_conversion')
 
@@ -43,7 +44,7 @@ DIGITS_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=4
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='output/bench_conversion', help='output folder (JSON, cached dense model)')
-    p.add_argument('--budgets', type=float, nargs='+', default=[0.2, 0.3, 0.5], help='attention compression ratios')
+    p.add_argument('--budgets', type=float, nargs='+', default=[0.2, 0.3, 0.5, 0.7], help='attention compression ratios')
     p.add_argument('--calib-images', type=int, default=256, help='calibration images (from the training split)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
@@ -169,6 +170,22 @@ def main(argv=None):
     dense_eval = evaluate_agreement(dense, dense, val)
     _logger.info('dense: %s', dense_eval)
     stats = collect_calibration(dense, calib, block_logits=False)
+    # how much the blocks share: energy of each projection's weights captured by S Matrix PCA atoms (one group)
+    depth = len(dense.blocks)
+    sd = dense.state_dict()
+    share_lines = []
+    for kind, key, rows in (('q', 'qkv', 0), ('k', 'qkv', 1), ('v', 'qkv', 2), ('o', 'proj', 0)):
+        d = dense.embed_dim
+        stack = torch.stack([sd[f'blocks.{i}.attn.{key}.weight'][rows * d:(rows + 1) * d] for i in range(depth)])
+        eig = matrix_pca_spectrum(stack)
+        frac = (eig.cumsum(0) / eig.sum()).tolist()
+        share_lines.append(f"| {kind} | " + ' | '.join(f'{100 * frac[s - 1]:.1f}' for s in (1, depth // 3, depth // 2))
+                           + ' |')
+    share_table = '\n'.join([
+        f'Energy of the dense attention weights captured by S Matrix PCA atoms (%, one group of {depth} blocks; '
+        f'blocks that share nothing give 100 S / {depth}):', '',
+        f'| proj | S=1 | S={depth // 3} | S={depth // 2} |', '|---|---:|---:|---:|'] + share_lines
+        + [f'| (no sharing) | {100 / depth:.1f} | {100 * (depth // 3) / depth:.1f} | {100 * (depth // 2) / depth:.1f} |'])
     results = []
 
     def run(name, budget, fn):
@@ -207,14 +224,14 @@ def main(argv=None):
     for r in results:
         lines.append(
             f"| {100 * r['target']:.0f}% | {r['method']} | {100 * r['top1']:.2f} | {100 * r['agreement']:.2f} | "
-            f"{r['mean_kl']:.4f} | {r['attention']:,} | {100 * r['compression']:.1f}% | {r['detail']} |")
-    table = '\n'.join(lines)
+            f"{r['mean_kl']:.2e} | {r['attention']:,} | {100 * r['compression']:.1f}% | {r['detail']} |")
+    table = '\n'.join(lines) + '\n\n' + share_table
     print(table)
     print(f'\ntotal {total:.0f}s (dense model: {setup["source"]}), torch threads {torch.get_num_threads()}')
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, 'bench_conversion.json')
     with open(out, 'w') as f:
-        json.dump(dict(setup=setup, dense=dense_eval, results=results, seconds=total,
+        json.dump(dict(setup=setup, dense=dense_eval, results=results, seconds=total, share_table=share_table,
                        threads=torch.get_num_threads(), argv=sys.argv[1:]), f, indent=2, default=str)
     print(f'wrote {out}')
 

@@ -620,6 +620,13 @@ def _plan(
         ranks = {k: refine_rank for k in kinds} if isinstance(refine_rank, int) else dict(refine_rank)
         return dict(num_atoms=feasible[0], refine_rank=ranks, candidates=candidates)
     best = None
+    # reference: no atoms, the whole budget in per-block whitened low rank (what SVD-LLM does, with adaptive ranks)
+    spectra0 = {k: torch.stack([torch.linalg.svdvals(
+        (weights[(l, k)] @ chol[_layer_of(l, k)] if chol is not None else weights[(l, k)]).float()).double()
+        for l in range(depth)]) for k in kinds}
+    ranks0 = allocate_ranks(spectra0, budget - fixed, rank_cost, step=rank_step, normalize=normalizer)
+    lowrank_only = dict(num_atoms=[0] * len(bounds), refine_rank=ranks0, score=sum(
+        float(spectra0[k][:, ranks0[k]:].square().sum()) / normalizer[k] for k in kinds) / num_kinds)
     for cfg in feasible:
         spectra = _residual_spectra(weights, bounds, kinds, common, cfg, chol)
         left = budget - fixed - atoms_params(cfg)
@@ -632,7 +639,13 @@ def _plan(
         _logger.debug('plan candidate %s', cand)
         if best is None or cand['score'] < best['score']:
             best = cand
-    return dict(num_atoms=best['num_atoms'], refine_rank=best['refine_rank'], candidates=candidates)
+    if lowrank_only['score'] < best['score']:
+        _logger.warning(
+            'the blocks share little: whitened low rank alone (no atoms) would leave %.3g of the whitened output '
+            'energy, less than the best Matrix PCA + refinement (%.3g, S=%s); svd_from_dense gives that baseline',
+            lowrank_only['score'], best['score'], best['num_atoms'])
+    return dict(num_atoms=best['num_atoms'], refine_rank=best['refine_rank'], candidates=candidates,
+                lowrank_only=lowrank_only)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -762,6 +775,7 @@ def from_dense(
         calibration=dict(num_images=stats.num_images, num_tokens=stats.num_tokens) if stats else None,
         kl_drift=[float(x) for x in drift] if drift is not None else None,
         plan_candidates=plan['candidates'],
+        plan_lowrank_only=plan.get('lowrank_only'),
         atom_energy=_atom_energy(weights, bounds, kinds, plan['num_atoms']),
         layers=_layer_errors(dense_state, model, weights, chol),
         seconds=dict(plan=t_plan - t0, convert=t_convert - t_plan),
@@ -924,6 +938,12 @@ def report_to_markdown(report: Mapping[str, Any]) -> str:
         lines += ['Energy of the dense weights captured by the atoms (Matrix PCA; S/L when the blocks share nothing): '
                   + ', '.join(f"g{r['group']} {r['proj']} {r['captured']:.3f} ({r['uniform']:.3f})"
                               for r in report['atom_energy']), '']
+    cands = report.get('plan_candidates')
+    if cands:
+        ref = report.get('plan_lowrank_only')
+        lines += ['Budget plan (mean relative whitened output energy left, lower is better): '
+                  + ', '.join(f"S={c['num_atoms']} {c['score']:.3g}" for c in cands)
+                  + (f"; no atoms, low rank only {ref['score']:.3g}" if ref else ''), '']
     if report.get('kl_drift'):
         lines += ['KL drift between consecutive blocks: ' + ', '.join(f'{x:.3g}' for x in report['kl_drift']), '']
     rows = report.get('layers') or []

@@ -150,6 +150,23 @@ def test_refinement_lowers_whitened_error_at_same_budget(dense, calib):
     assert chosen['score'] == pytest.approx(_whitened_objective(refined, dense, stats) / 4, rel=1e-3)
 
 
+def test_beats_whitened_svd_when_blocks_share_structure(dense, calib):
+    """On weights with cross-block structure, atoms + refinement beat SVD-LLM at the same budget (and the plan's
+    no-atom reference agrees); on weights without it the plan says so (see docs/conversion.md)."""
+    stats = collect_calibration(dense, calib, block_logits=False)
+    x = torch.cat([b[0] for b in calib])
+    ref = dense(x)
+    masa = from_dense(dense, attn_compression=0.3, calib=calib)
+    svd = svd_from_dense(dense, 0.3, stats=stats)
+    assert masa.conversion_report['params']['attention'] <= math.floor(0.7 * count_params(dense)['attention'])
+    assert svd.conversion_report['params']['attention'] <= math.floor(0.7 * count_params(dense)['attention'])
+    rep = masa.conversion_report
+    assert rep['plan_lowrank_only']['score'] > 5 * min(c['score'] for c in rep['plan_candidates'])
+    assert _whitened_objective(masa, dense, stats) < 0.2 * _whitened_objective(svd, dense, stats)
+    err = [((m(x) - ref).norm() / ref.norm()).item() for m in (masa, svd)]
+    assert err[0] < err[1]
+
+
 def test_refinement_reduces_logit_error_at_fixed_atoms(dense, calib):
     x = torch.cat([b[0] for b in calib])
     ref = dense(x)
