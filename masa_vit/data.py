@@ -15,6 +15,8 @@ only what timm does not have:
 """
 import logging
 import os
+import signal
+from functools import partial
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -257,6 +259,15 @@ class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
         return self.num_samples - self.start_index
 
 
+def _worker_init_without_signals(worker_init_fn, worker_id: int) -> None:
+    # Ctrl-C (and SLURM's scancel) signal every process of the job: loader workers leave SIGINT / SIGTERM to the
+    # training process, which finishes its step and saves a checkpoint; workers end when it closes the loader
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
 def create_loader(
         dataset: torch.utils.data.Dataset,
         *,
@@ -276,6 +287,7 @@ def create_loader(
         dataset, is_training=is_training, distributed=world_size > 1, persistent_workers=persistent_workers,
         **kwargs)
     base = loader.loader if isinstance(loader, PrefetchLoader) else loader
+    base.worker_init_fn = partial(_worker_init_without_signals, base.worker_init_fn)
     if not is_training or isinstance(base.sampler, RepeatAugSampler) \
             or isinstance(base.dataset, torch.utils.data.IterableDataset):
         return loader

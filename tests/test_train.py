@@ -342,3 +342,26 @@ def test_unreadable_images_fail_by_default_or_are_skipped_and_counted(tmp_path):
     main(folder_argv(tmp_path / 'b', root, '--bad-images', 'skip'))
     rows = read_summary(tmp_path / 'b' / 'summary.csv')
     assert int(rows[0]['train_skipped_images']) == 1
+
+
+def test_sigterm_to_all_processes_with_loader_workers_saves_a_recovery_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / 'run'
+    argv = tiny_argv(out, "--workers", "2", "--no-tensorboard", epochs=1)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'train_vit.py'), *argv], cwd=str(tmp_path), stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO),
+        start_new_session=True)
+    log = []
+    for line in proc.stderr:  # wait until training runs, then signal the whole process group
+        log.append(line)
+        if 'Train: 0 [' in line:
+            os.killpg(proc.pid, signal.SIGTERM)  # as SLURM's scancel: every process of the job
+            break
+    rest, _ = proc.communicate(timeout=120)[::-1]
+    log = ''.join(log) + rest
+    assert proc.returncode == 0, log[-3000:]
+    assert 'Stopped by SIGTERM at epoch 0' in log
+    recovery = [p for p in os.listdir(out) if p.startswith('recovery-0-')]
+    assert len(recovery) == 1
+    result = main(argv + ['--resume', str(out / recovery[0])])
+    assert not result['interrupted'] and len(read_summary(out / 'summary.csv')) == 1
