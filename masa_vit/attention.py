@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import trunc_normal_
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .dictionary import AtomDictionary
 
@@ -29,6 +30,18 @@ __all__ = ['AtomLinear', 'GroupedQueryAttention', 'PART_BASES']
 
 PART_BASES = ('own', 'shared', 'none')
 
+
+# Optimizer steps counted process-wide: fused optimizers (e.g. AdamW(fused=True)) update parameters without bumping
+# their version counters, so the eval cache also keys on this count.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 _is_fx_symbolic_tracing = getattr(
     torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
@@ -95,7 +108,7 @@ class AtomLinear(nn.Module):
             self.lowrank[f'{p}_v'] = nn.Parameter(torch.zeros(r, in_features, **dd))
         self.lowrank_ranks = dict(lowrank)
         self._segments = self._build_segments()
-        self._cache: Optional[Tuple[List[torch.Tensor], List[Tuple[int, int]], torch.Tensor]] = None
+        self._cache: Optional[Tuple[List[torch.Tensor], int, List[Tuple[int, int]], torch.Tensor]] = None
         self.init_weights()
 
     def _build_segments(self) -> List[tuple]:
@@ -143,6 +156,12 @@ class AtomLinear(nn.Module):
                 nn.init.zeros_(v)
 
     def _compose(self) -> torch.Tensor:
+        # compose in the parameters' dtype, outside any autocast region: the result is the weight a dense layer would
+        # hold, and F.linear casts it for autocast exactly as it casts a dense weight
+        with torch.autocast(self._dependencies()[0].device.type, enabled=False):
+            return self._compose_parts()
+
+    def _compose_parts(self) -> torch.Tensor:
         pieces = []
         for base, lo, hi, lr in self._segments:
             if base == 'own':
@@ -175,19 +194,21 @@ class AtomLinear(nn.Module):
             return self._compose()
         cache = self._cache
         if cache is not None:
-            deps, key, weight = cache
-            # valid while no tensor was modified in place (version counter) or swapped (.to(), .data = ...)
-            if all(t._version == v and t.data_ptr() == p for t, (v, p) in zip(deps, key)):
+            deps, steps, key, weight = cache
+            # valid while no optimizer stepped and no tensor was modified in place (version counter) or swapped
+            # (.to(), .data = ...)
+            if steps == _optimizer_steps and all(
+                    t._version == v and t.data_ptr() == p for t, (v, p) in zip(deps, key)):
                 return weight
         deps = self._dependencies()
         weight = self._compose().contiguous()
-        self._cache = (deps, [(t._version, t.data_ptr()) for t in deps], weight)
+        self._cache = (deps, _optimizer_steps, [(t._version, t.data_ptr()) for t in deps], weight)
         return weight
 
     @property
     def cached_weight(self) -> Optional[torch.Tensor]:
         """The eval-mode cached weight, or None when nothing is cached."""
-        return self._cache[2] if self._cache is not None else None
+        return self._cache[-1] if self._cache is not None else None
 
     def clear_cache(self) -> None:
         self._cache = None

@@ -159,16 +159,9 @@ def test_cached_eval_is_bitwise_the_dense_export(opts, tiny_kwargs):
         torch.testing.assert_close(out, dense(x), rtol=0, atol=0)
         torch.testing.assert_close(m(x), _uncached(m, x), rtol=0, atol=0)
     for layer in _atom_linears(m):
-        assert layer._cache is not None and layer._cache[1].is_contiguous()
+        assert layer.cached_weight is not None and layer.cached_weight.is_contiguous()
 
 
-_AUTOCAST_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "the eval cache composes its weights under the caller's autocast (bmm in bf16) and keys them on the parameters "
-    "only: under autocast they differ from the dense weights, and a later fp32 eval reuses the bf16 weights (dtype "
-    "error); see docs/speed.md (the fix: compose the cached weights with autocast disabled)"))
-
-
-@_AUTOCAST_XFAIL
 def test_cached_eval_under_cpu_autocast_matches_dense_export(tiny_kwargs):
     torch.manual_seed(0)
     m = timm.create_model('masa_vit_tiny', **tiny_kwargs).eval()
@@ -183,7 +176,6 @@ def test_cached_eval_under_cpu_autocast_matches_dense_export(tiny_kwargs):
     torch.testing.assert_close(out2, ref, rtol=0, atol=0)
 
 
-@_AUTOCAST_XFAIL
 def test_fp32_eval_after_autocast_eval(tiny_kwargs):
     """Validation under AMP, then a plain fp32 eval call (no train() in between): fp32 weights, fp32 result."""
     torch.manual_seed(0)
@@ -208,13 +200,13 @@ def test_eval_mode_with_grad_bypasses_cache_and_trains(tiny_kwargs):
     m = timm.create_model('masa_vit_tiny', **tiny_kwargs)
     x = torch.randn(2, 3, 32, 32)
     m(x).square().mean().backward()
-    assert all(layer._cache is None for layer in _atom_linears(m))
+    assert all(layer.cached_weight is None for layer in _atom_linears(m))
     ref = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
     m.eval()
     with torch.no_grad():
         m(x)
-    cached = {id(layer): layer._cache[1] for layer in _atom_linears(m)}
+    cached = {id(layer): layer.cached_weight for layer in _atom_linears(m)}
     w = _atom_linears(m)[0].composed_weight()
     assert w.requires_grad and w is not cached[id(_atom_linears(m)[0])]
     m(x).square().mean().backward()
@@ -261,7 +253,7 @@ def test_cache_follows_dtype_moves(dtype, tiny_kwargs):
         m.to(dtype)
         out = m(x.to(dtype))
         assert out.dtype == dtype
-        assert all(layer._cache[1].dtype == dtype for layer in _atom_linears(m))
+        assert all(layer.cached_weight.dtype == dtype for layer in _atom_linears(m))
         torch.testing.assert_close(out, _uncached(m, x.to(dtype)), rtol=0, atol=0)
         m.to(torch.float32)
         back = m(x)
@@ -274,9 +266,7 @@ def test_cache_follows_dtype_moves(dtype, tiny_kwargs):
 @pytest.mark.parametrize('opt_kwargs', [
     dict(foreach=False),
     dict(foreach=True),
-    pytest.param(dict(fused=True), marks=pytest.mark.xfail(strict=True, reason=(
-        "fused AdamW updates parameters without bumping their version counters, so an eval cache built before a "
-        "step taken in eval mode survives it; see docs/speed.md (the fix: count optimizer steps in the cache key)"))),
+    dict(fused=True),  # fused AdamW does not bump version counters: the cache also counts optimizer steps
 ], ids=lambda k: ','.join(k))
 def test_cache_invalidated_by_adamw_step_in_eval_mode(opt_kwargs, tiny_kwargs):
     """Training in eval mode (no dropout) with an eval call before and after the step: the second sees the update."""
@@ -320,7 +310,7 @@ def test_fold_coefficients_invalidates_cache(tiny_kwargs):
     with torch.no_grad():
         ref = m(x)
         m.fold_coefficients()
-        assert all(layer._cache is None for layer in _atom_linears(m))
+        assert all(layer.cached_weight is None for layer in _atom_linears(m))
         torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=1e-6)
         # the folded coefficients are new tensors: an update to them must reach the cached weights
         m.dictionaries[0].coef.mul_(2.0)
@@ -337,7 +327,7 @@ def test_compiled_eval_sees_parameter_updates(tiny_kwargs):
     with torch.no_grad():
         before = compiled(x)
         torch.testing.assert_close(before, _uncached(m, x), atol=1e-5, rtol=1e-5)
-    assert all(layer._cache is None for layer in _atom_linears(m))  # the cache stays out of compiled graphs
+    assert all(layer.cached_weight is None for layer in _atom_linears(m))  # the cache stays out of compiled graphs
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
     m(x).square().mean().backward()
     opt.step()
