@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch

@@ -47,7 +47,6 @@ from timm.utils import (
     reduce_tensor, setup_default_logging, trim_summary, unwrap_model, update_summary,
 )
 
-import masa_vit  # noqa: F401  registers the masa_vit_* models with timm
 from .checkpoint import (
     CheckpointError, CheckpointSaver, checkpoint_model_info, checkpoint_state_dict, get_rng_state,
     load_checkpoint_file, set_rng_state,
@@ -615,6 +614,9 @@ def train_one_epoch(
 
     if pbar is not None:
         pbar.close()
+        _logger.info(f'Train: {epoch}  loss {losses_m.avg:#.4g}  lr {lr:.3e}  '
+                     f'{samples_epoch / max(time.time() - t_epoch, 1e-9):.1f} img/s  '
+                     f'({_format_eta(time.time() - t_epoch)})')
     metrics = OrderedDict([
         ('loss', losses_m.avg),
         ('lr', lr),
