@@ -32,7 +32,7 @@ from timm.models import VisionTransformer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from masa_vit.conversion import (  # noqa: E402
-    collect_calibration, evaluate_agreement, from_dense, lowrank_rank_for_budget, svd_from_dense,
+    collect_calibration, evaluate_agreement, from_dense, lowrank_rank_for_budget, predict_logits, svd_from_dense,
 )
 from masa_vit.matrix_pca import matrix_pca_spectrum  # noqa: E402
 
@@ -167,9 +167,10 @@ def main(argv=None):
     if not isinstance(dense, VisionTransformer):
         raise SystemExit(f'{type(dense).__name__} is not a timm VisionTransformer')
 
-    dense_eval = evaluate_agreement(dense, dense, val)
+    dense_logits, _ = predict_logits(dense, val)
+    dense_eval = evaluate_agreement(dense, dense, val, dense_logits=dense_logits)
     _logger.info('dense: %s', dense_eval)
-    stats = collect_calibration(dense, calib, block_logits=False)
+    stats = collect_calibration(dense, calib)
     # how much the blocks share: energy of each projection's weights captured by S Matrix PCA atoms (one group)
     depth = len(dense.blocks)
     sd = dense.state_dict()
@@ -192,7 +193,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         model = fn()
         seconds = time.perf_counter() - t0
-        ev = evaluate_agreement(dense, model, val)
+        ev = evaluate_agreement(dense, model, val, dense_logits=dense_logits)
         rep = model.conversion_report
         row = dict(method=name, target=budget, attention=rep['params']['attention'],
                    attention_dense=rep['params']['attention_dense'],
@@ -210,9 +211,9 @@ def main(argv=None):
             run('truncated SVD', budget, lambda: svd_from_dense(dense, budget))
             run('whitened SVD (SVD-LLM)', budget, lambda: svd_from_dense(dense, budget, stats=stats))
         run('Matrix PCA', budget, lambda: from_dense(dense, budget, refine=False))
-        run('Matrix PCA + refine', budget, lambda: from_dense(dense, budget, calib=calib, refine=True))
+        run('Matrix PCA + refine', budget, lambda: from_dense(dense, budget, stats=stats, refine=True))
         run('Matrix PCA + refine, auto groups', budget,
-            lambda: from_dense(dense, budget, calib=calib, refine=True, groups='auto'))
+            lambda: from_dense(dense, budget, stats=stats, refine=True, groups='auto'))
 
     total = time.perf_counter() - t_start
     lines = [

@@ -47,7 +47,7 @@ from .matrix_pca import (
 
 __all__ = [
     'from_dense', 'svd_from_dense', 'convert_state_dict', 'collect_calibration', 'CalibrationStats',
-    'vit_kwargs_from_dense', 'evaluate_agreement', 'report_to_markdown', 'save_converted', 'load_converted',
+    'vit_kwargs_from_dense', 'evaluate_agreement', 'predict_logits', 'report_to_markdown', 'save_converted', 'load_converted',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -467,7 +467,8 @@ def collect_calibration(
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, data: Iterable, max_batches: Optional[int] = None):
+def predict_logits(model: nn.Module, data: Iterable, max_batches: Optional[int] = None):
+    """(logits (N, C) float32 CPU, targets (N,) or None) of `model` in eval mode over image batches."""
     model = _unwrap(model)
     was_training = model.training
     model.eval()
@@ -504,9 +505,9 @@ def evaluate_agreement(
         dense_logits: Optional[torch.Tensor] = None,
 ) -> Dict[str, Any]:
     """Top-1 of both models (when the data has labels), top-1 agreement and mean KL(dense || model) of the logits."""
-    logits, targets = _predict(model, data, max_batches)
+    logits, targets = predict_logits(model, data, max_batches)
     if dense_logits is None:
-        dense_logits, _ = _predict(dense_model, data, max_batches)
+        dense_logits, _ = predict_logits(dense_model, data, max_batches)
     return _compare_logits(dense_logits, logits, targets)
 
 
@@ -669,6 +670,7 @@ def from_dense(
         max_eval_batches: Optional[int] = None,
         rank_step: int = 1,
         damping: float = 1e-2,
+        stats: Optional[CalibrationStats] = None,
 ) -> MasaVisionTransformer:
     """Convert a pretrained dense timm ViT into a MASA ViT without training.
 
@@ -693,6 +695,8 @@ def from_dense(
         eval_data: Held-out (images, targets) batches for the report; default: the calibration data.
         rank_step: Rank granularity of the allocation.
         damping: Cholesky damping (times the mean diagonal) when X^T X is singular.
+        stats: Precomputed `collect_calibration(dense_model, calib)` statistics, instead of `calib` (to convert one
+            model several times); the report then evaluates on `eval_data` only.
     """
     t0 = time.perf_counter()
     dense = _check_dense_vit(dense_model)
@@ -700,8 +704,11 @@ def from_dense(
         raise ValueError('give attn_compression (e.g. 0.2) or num_atoms (atoms per group)')
     if attn_compression is not None and not 0.0 <= attn_compression < 1.0:
         raise ValueError(f'attn_compression must be in [0, 1), got {attn_compression}')
+    if calib is not None and stats is not None:
+        raise ValueError('give calib or precomputed stats, not both')
+    have_data = calib is not None or stats is not None
     if refine is None:
-        refine = calib is not None and (attn_compression is not None or refine_rank is not None)
+        refine = have_data and (attn_compression is not None or refine_rank is not None)
     kinds = _attention_kinds(share)
     depth = len(dense.blocks)
     dim = dense.embed_dim
@@ -712,7 +719,6 @@ def from_dense(
     dense_state = {k: v.detach().cpu() for k, v in dense.state_dict().items()}
     weights = _dense_attention_weights(dense_state, dense)
 
-    stats = None
     if calib is not None:
         stats = collect_calibration(dense, calib, max_batches=max_calib_batches, block_logits=groups == 'auto')
     chol = stats.cholesky(damping) if stats is not None else None
@@ -723,7 +729,7 @@ def from_dense(
     if isinstance(groups, str):
         if groups != 'auto':
             raise ValueError(f"groups must be an int, a list of start indices or 'auto', got {groups!r}")
-        if stats is None:
+        if stats is None or stats.block_logits is None:
             raise ValueError("groups='auto' needs calibration images (calib=...) to measure the KL drift")
         drift = layer_kl_drift(stats.block_logits)
         groups = kl_group_starts(drift, depth, num_groups=auto_groups, min_group_size=min_group_size)
