@@ -7,6 +7,7 @@ Importing the package registers the `masa_vit_*` models with timm:
 """
 from .dictionary import AtomDictionary
 from .attention import AtomLinear
+from .conversion import convert_state_dict, from_dense, load_converted, save_converted, svd_from_dense
 from .masa_vision_transformer import (
     MasaVisionTransformer,
     checkpoint_filter_fn,
@@ -23,6 +24,11 @@ __all__ = [
     'MasaVisionTransformer',
     'checkpoint_filter_fn',
     'coefficient_matrices',
+    'convert_state_dict',
     'count_params',
+    'from_dense',
+    'load_converted',
+    'save_converted',
+    'svd_from_dense',
     'to_dense',
 ]

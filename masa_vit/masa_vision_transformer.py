@@ -504,11 +504,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MasaVisionT
     Pure: returns a new dict and leaves `state_dict` untouched."""
     state_dict = vit_checkpoint_filter_fn(dict(state_dict), model)
     has_dictionaries = any(k.startswith('dictionaries.') for k in state_dict)
-    if len(getattr(model, 'dictionaries', [])):
-        if not has_dictionaries and 'blocks.0.attn.qkv.weight' in state_dict and \
-                state_dict['blocks.0.attn.qkv.weight'].shape[0] == 3 * model.embed_dim:
-            from .conversion import convert_state_dict
-            state_dict = convert_state_dict(state_dict, model)
+    if len(getattr(model, 'dictionaries', [])) and not has_dictionaries and 'blocks.0.attn.qkv.weight' in state_dict:
+        # a dense ViT checkpoint: convert it (convert_state_dict raises a clear error when its shapes do not fit)
+        from .conversion import convert_state_dict
+        state_dict = convert_state_dict(state_dict, model)
     return state_dict
 
 

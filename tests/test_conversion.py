@@ -252,9 +252,8 @@ def test_timm_create_model_converts_while_loading(tmp_path, dense):
     full = timm.create_model('masa_vit_nano_patch4_32', pretrained=True, num_atoms=6,
                              pretrained_cfg_overlay=dict(file=str(path), num_classes=5), **kw).eval()
     assert torch.allclose(full(x), dense(x), atol=1e-5)
-    # a checkpoint of another size: an error (convert_state_dict names the shapes, see test_bad_inputs; the model's
-    # checkpoint_filter_fn only calls it when the qkv shape matches, so the message here is the model's own)
-    with pytest.raises(ValueError):
+    # a checkpoint of another size: convert_state_dict (called by the model's checkpoint_filter_fn) names the shapes
+    with pytest.raises(ValueError, match='does not fit'):
         timm.create_model('masa_vit_nano_patch4_32', pretrained=True, num_atoms=2,
                           pretrained_cfg_overlay=dict(file=str(path), num_classes=5), **dict(kw, embed_dim=64))
 
