@@ -31,7 +31,7 @@ from collections import OrderedDict
 from contextlib import nullcontext, suppress
 from datetime import datetime
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -449,7 +449,7 @@ class _StopRequest:
         return False
 
 
-def _sync_flags(loss: torch.Tensor, stop: Optional[_StopRequest], args) -> (float, bool):
+def _sync_flags(loss: torch.Tensor, stop: Optional[_StopRequest], args) -> Tuple[float, bool]:
     """Loss averaged over processes and whether any process was asked to stop (one all-reduce per step)."""
     requested = stop is not None and stop.requested
     if not args.distributed:
@@ -619,7 +619,6 @@ def train_one_epoch(
                      f'({_format_eta(time.time() - t_epoch)})')
     metrics = OrderedDict([
         ('loss', losses_m.avg),
-        ('lr', lr),
         ('grad_norm', grad_norm_m.avg if grad_norm_m.count else float('nan')),
         ('img_per_sec', samples_epoch / max(time.time() - t_epoch, 1e-9)),
     ])
@@ -934,8 +933,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             optimizer.load_state_dict(checkpoint['optimizer'])
             if loss_scaler is not None and 'amp_scaler' in checkpoint:
                 loss_scaler.load_state_dict(checkpoint['amp_scaler'])
-            if 'scheduler' in checkpoint:
-                lr_scheduler.load_state_dict(checkpoint['scheduler'])
+            # timm schedules are functions of the config: rebuilt from the flags, as in timm; say so if it changed
+            if checkpoint.get('scheduler') is not None and checkpoint['scheduler'] != lr_scheduler.state_dict():
+                changed = sorted(k for k, v in lr_scheduler.state_dict().items() if checkpoint['scheduler'].get(k) != v)
+                _logger.warning(f'The learning rate schedule differs from the checkpoint\'s ({", ".join(changed)}): '
+                                f'following the flags given now.')
         if 'resume_epoch' in checkpoint:
             start_epoch, start_batch = int(checkpoint['resume_epoch']), int(checkpoint.get('resume_batch', 0))
         elif 'epoch' in checkpoint:
@@ -1063,8 +1065,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         log_coefficients(writer, model, step=num_updates, epoch=epoch + 1)
                     writer.flush()
                 if output_dir is not None:
+                    lr = max(pg['lr'] for pg in optimizer.param_groups)
                     update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir,
-                                   'summary.csv'), lr=train_metrics['lr'])
+                                   'summary.csv'), lr=lr)
                 save_state(epoch, epoch + 1, 0, num_updates, metric=eval_metrics[args.eval_metric])
                 if saver is not None:
                     best_metric, best_epoch = saver.best_metric, saver.best_epoch
