@@ -868,6 +868,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return _evaluate_only(args, model, loader_eval, validate_loss_fn, device, amp_autocast, source, counts,
                               num_images=len(dataset_eval))
 
+    metric_names = ['loss', 'top1', 'top5']
+    metric_names += [f'ema_{m}' for m in metric_names] if args.model_ema else []
+    if args.eval_metric not in metric_names:
+        raise TrainError(f'--eval-metric {args.eval_metric} is none of {metric_names}.')
+
     # -- optimizer, scaler, schedule (timm)
     if args.lr is None:
         global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
@@ -1051,8 +1056,6 @@ def _main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     ema_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device, amp_autocast,
                                            log_suffix=' (EMA)')
                     eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
-                if args.eval_metric not in eval_metrics:
-                    raise TrainError(f'--eval-metric {args.eval_metric} is none of {list(eval_metrics)}.')
 
                 num_updates = (epoch + 1) * updates_per_epoch
                 if writer is not None:

@@ -282,6 +282,9 @@ def test_bad_input_gives_clear_errors_and_loses_nothing(trained_run, tmp_path):
     with pytest.raises(SystemExit, match='checkpoint .*nothing.pth.tar not found'):
         main(tiny_argv(tmp_path / 'e', '--resume', str(tmp_path / 'nothing.pth.tar')))
 
+    with pytest.raises(SystemExit, match='--eval-metric ema_top1 is none of'):  # no --model-ema
+        main(tiny_argv(tmp_path / 'g', '--eval-metric', 'ema_top1'))
+
     truncated = tmp_path / 'truncated.pth.tar'
     truncated.write_bytes(open(last, 'rb').read()[:5000])
     with pytest.raises(SystemExit, match='not a readable checkpoint'):
