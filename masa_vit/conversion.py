@@ -992,10 +992,18 @@ def _to_json(value: Any) -> Any:
     return value
 
 
+_TRUSTED_MODULES = ('torch.nn', 'timm.layers', 'timm.models', 'masa_vit')
+
+
 def _from_json(value: Any) -> Any:
     if isinstance(value, dict):
         if '__class__' in value:
             module, name = value['__class__'].split(':')
+            # a file's metadata must not be able to name arbitrary code: only layers from torch.nn, timm and masa_vit
+            if not any(module == m or module.startswith(m + '.') for m in _TRUSTED_MODULES):
+                raise ValueError(
+                    f"refusing to load {value['__class__']!r} named in the file's metadata: only layers from "
+                    f"{', '.join(_TRUSTED_MODULES)} are allowed. Rebuild the model yourself and load the weights.")
             obj = importlib.import_module(module)
             for part in name.split('.'):
                 obj = getattr(obj, part)

@@ -389,3 +389,12 @@ def test_cli_refuses_non_vit(cli_files, caplog):
     assert main(['resnet10t', '--checkpoint', str(root / 'dense.safetensors'), '--atoms', '2',
                  '--model-kwargs', 'num_classes=5', '--output', str(root / 'x.st')]) == 2
     assert 'not a ViT' in caplog.text
+
+
+def test_metadata_cannot_name_arbitrary_code():
+    from masa_vit.conversion import _from_json
+    assert _from_json({'__class__': 'torch.nn.modules.normalization:LayerNorm'}) is torch.nn.LayerNorm
+    with pytest.raises(ValueError, match="refusing to load 'os:system'"):
+        _from_json({'__class__': 'os:system'})
+    with pytest.raises(ValueError, match='refusing to load'):
+        _from_json({'__partial__': {'__class__': 'subprocess:call'}, 'kwargs': {}})
