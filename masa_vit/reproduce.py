@@ -624,6 +624,7 @@ def markdown_table(records: Sequence[Dict[str, Any]], grid: Dict[str, Any], comm
         lines += [f'Command: `{command}`', '']
     wall = sum(r.get('wall_time_s') or 0 for r in done)
     cpu = sum(r.get('cpu_time_s') or 0 for r in done)
+    elapsed = _elapsed([r['output_dir'] for r in done])
     loads = [r['load_avg'] for r in done if r.get('load_avg') is not None]
     lines += [
         f'Machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores'
@@ -631,9 +632,10 @@ def markdown_table(records: Sequence[Dict[str, Any]], grid: Dict[str, Any], comm
         + (f', runs at a time: {grid["jobs"]}' if grid.get('jobs') else '')
         + f'; Python {platform.python_version()}, torch {_version("torch")}, timm {_version("timm")}.',
         f'Runs: {len(done)} done, {sum(r["status"] == "failed" for r in records)} failed, '
-        f'{sum(r["status"] == "pending" for r in records)} not run; {wall / 60:.1f} min of training wall time'
-        + (f' (mean 1-min load average during the runs {statistics.fmean(loads):.1f})' if loads else '')
-        + (f', {cpu / 60:.1f} CPU-minutes.' if cpu else '.'),
+        f'{sum(r["status"] == "pending" for r in records)} not run. Time: {elapsed / 60:.1f} min elapsed while runs '
+        f'were going, {wall / 60:.1f} min summed over runs, {cpu / 60:.1f} CPU-minutes'
+        + (f'; mean 1-min load average during the runs {statistics.fmean(loads):.1f} '
+           f'(other jobs shared the machine when it exceeds the runs at a time).' if loads else '.'),
         '',
         'Top-1 / top-5: validation accuracy (%) after the last epoch, mean +- std (sample std) over seeds. '
         'Attention compression: 1 - attention parameters / those of the dense model (every Q, K, V, O weight and '
@@ -676,6 +678,25 @@ def markdown_table(records: Sequence[Dict[str, Any]], grid: Dict[str, Any], comm
                   f"(log: {os.path.join(r['output_dir'], 'train.log')})" for r in failures]
         lines.append('')
     return '\n'.join(lines)
+
+
+def _elapsed(cell_dirs: Sequence[str]) -> float:
+    """Seconds during which at least one of these cells' runs was going (the union of their attempts' intervals)."""
+    intervals = []
+    for cell_dir in cell_dirs:
+        try:
+            with open(os.path.join(cell_dir, 'attempts.jsonl')) as f:
+                for line in f:
+                    a = json.loads(line)
+                    t0 = time.mktime(time.strptime(a['started'], '%Y-%m-%d %H:%M:%S'))
+                    intervals.append((t0, t0 + a['wall_time_s']))
+        except (OSError, ValueError, KeyError):
+            continue
+    total, end = 0.0, float('-inf')
+    for a, b in sorted(intervals):
+        total += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return total
 
 
 def _version(package: str) -> str:
@@ -793,9 +814,13 @@ def run_grid(
     if dry_run:
         return result
     os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, 'grid.yaml'), 'w') as f:
-        yaml.safe_dump(dict(source=grid_path, command=command, seeds=grid['seeds'], threads=grid['threads'],
-                            jobs=grid['jobs']), f, sort_keys=False)
+    grid_yaml = os.path.join(output, 'grid.yaml')
+    if report_only and os.path.isfile(grid_yaml):  # the table names the command that trained, not this one
+        command = (yaml.safe_load(open(grid_yaml)) or {}).get('command', command)
+    else:
+        with open(grid_yaml, 'w') as f:
+            yaml.safe_dump(dict(source=grid_path, command=command, seeds=grid['seeds'], threads=grid['threads'],
+                                jobs=grid['jobs']), f, sort_keys=False)
     if not report_only:
         todo = [c for c in cells if statuses[c.cell_id] != 'done']
         jobs = grid['jobs'] or 1
