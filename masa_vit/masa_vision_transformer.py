@@ -36,7 +36,8 @@ import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+from timm.models import named_apply
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn, get_init_weights_vit
 
 from .attention import AtomLinear, GroupedQueryAttention
 from .dictionary import AtomDictionary, COEF_MODES
@@ -238,6 +239,8 @@ class MasaVisionTransformer(VisionTransformer):
                     qkv_bias=attn.qkv.bias is not None, qk_norm=not isinstance(attn.q_norm, nn.Identity),
                     proj_bias=attn.proj.bias is not None, attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p,
                     norm_layer=type(attn.q_norm) if not isinstance(attn.q_norm, nn.Identity) else None, **dd)
+                if kwargs.get('weight_init', '') != 'skip':  # the dense twin's init, not nn.Linear's default
+                    named_apply(get_init_weights_vit(self.weight_init_mode), blk.attn)
             self._masa_built = True
             return
 

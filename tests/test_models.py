@@ -347,6 +347,10 @@ def test_gqa_to_dense_is_exact_multi_head(tiny_kwargs):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (ref(x) - m(x)).abs().max() < 1e-5
+    # the dense twin's init recipe (timm's trunc_normal(0.02), zero biases), not nn.Linear's default
+    big = timm.create_model('masa_vit_small', sharing='gqa', img_size=32)
+    for lin in (big.blocks[0].attn.qkv, big.blocks[0].attn.proj):
+        assert abs(lin.weight.std().item() / 0.02 - 1) < 0.05 and lin.bias.abs().max() == 0
     with pytest.raises(ValueError, match='num_kv_heads=3 must divide num_heads=4'):
         timm.create_model('masa_vit_tiny', sharing='gqa', num_kv_heads=3, **tiny_kwargs)
 
