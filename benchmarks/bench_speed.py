@@ -12,7 +12,7 @@ medians (plus the median of the per-repeat paired ratios, which cancels slow dri
 
 Also, unless switched off:
 
-    --memory       peak memory of N training steps, in a fresh subprocess per (model, batch, twin): ru_maxrss on
+    --memory       peak memory of N training steps, in a fresh subprocess per (model, batch, twin): peak RSS (VmHWM, ru_maxrss) on
                    CPU, torch.cuda.max_memory_allocated on CUDA
     --conversions  the conversions users wait for: to_dense, coefficient folding, the first eval call after a
                    training step (cache build), Matrix PCA (convert_state_dict) of masa_vit_base
@@ -47,7 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -69,7 +69,7 @@ PRESETS = {
     'full': dict(
         grids=[dict(models=MODELS_224 + MODELS_32, batch_sizes=(1, 16, 64), modes=('train', 'eval'))],
         memory=[dict(models=MODELS_224 + MODELS_32, batch_sizes=(1, 16, 64))],
-        repeats=7, warmup=2,
+        repeats=7, eval_repeats=11, warmup=2,
     ),
     'cpu-quick': dict(
         grids=[
@@ -85,7 +85,7 @@ PRESETS = {
             dict(models=('masa_vit_tiny',), batch_sizes=(16,)),
             dict(models=MODELS_32, batch_sizes=(64,)),
         ],
-        repeats=7, warmup=1,
+        repeats=7, eval_repeats=15, warmup=1,
     ),
 }
 
@@ -102,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument('--img-size', type=int, default=None, help="override the models' input size (default: theirs)")
     p.add_argument('--model-kwargs', default='{}', help='JSON kwargs for both twins, e.g. \'{"coef": "mlp"}\'')
     p.add_argument('--repeats', type=int, default=None, help='timed runs per model (default: the preset\'s)')
+    p.add_argument('--eval-repeats', type=int, default=None,
+                   help='timed runs per model for eval cases (cheap and noise-sensitive; default: the preset\'s)')
     p.add_argument('--warmup', type=int, default=None, help='untimed warm-up runs per model (default: the preset\'s)')
     p.add_argument('--min-run-s', type=float, default=0.5, help='each timed run repeats the step to last this long')
     p.add_argument('--compile', default='off', choices=('off', 'on', 'both'), help='torch.compile the twins')
@@ -109,6 +111,7 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (bf16 autocast on CUDA)")
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: all CPUs)')
     p.add_argument('--lr', type=float, default=1e-4, help='AdamW learning rate of the timed steps')
+    p.add_argument('--speed', action=argparse.BooleanOptionalAction, default=True, help='the timed cases')
     p.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True, help='peak memory subprocesses')
     p.add_argument('--memory-steps', type=int, default=3, help='training steps per memory subprocess')
     p.add_argument('--conversions', action=argparse.BooleanOptionalAction, default=True, help='time conversions')
@@ -117,7 +120,10 @@ def parse_args(argv=None):
     p.add_argument('--profile-model', default='masa_vit_small', help='model for the profile')
     p.add_argument('--profile-batch', type=int, default=16, help='batch size for the profile')
     p.add_argument('--out', default='output/bench_speed/results.json', help='JSON results file')
-    p.add_argument('--markdown', default=None, help='also write the markdown tables here')
+    p.add_argument('--markdown', default=None, help='also write the markdown tables here (in place between the '
+                   'section markers when the file has them, see --markdown-section)')
+    p.add_argument('--markdown-section', default='results',
+                   help='name in the markers <!-- bench_speed:NAME:begin/end --> of the file given to --markdown')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--memory-worker', default=None, help=argparse.SUPPRESS)  # internal: JSON spec of one worker
     return p.parse_args(argv)
@@ -179,14 +185,14 @@ class Runner:
 
     def step(self) -> None:
         if self.mode == 'train':
+            # the fwd / bwd / opt split needs no synchronization on CPU; on CUDA it would serialize kernel launches
+            # with execution (hiding nothing of MASA's extra small kernels), so there only the whole step is timed
             t0 = time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
             with _autocast(self.device):
                 loss = F.cross_entropy(self.fn(self.x), self.y)
-            _sync(self.device)
             t1 = time.perf_counter()
             loss.backward()
-            _sync(self.device)
             t2 = time.perf_counter()
             self.opt.step()
             _sync(self.device)
@@ -197,20 +203,20 @@ class Runner:
                 self.fn(self.x)
             _sync(self.device)
 
-    def run(self, iters: int) -> float:
-        """Time `iters` steps; returns seconds per step."""
+    def run(self, iters: int) -> Tuple[float, float]:
+        """Time `iters` steps; returns (wall-clock, process CPU) seconds per step."""
         _sync(self.device)
         sums = [0.0, 0.0, 0.0]
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(iters):
             self.step()
             if self.mode == 'train':
                 sums = [a + b for a, b in zip(sums, self._last_parts)]
-        dt = (time.perf_counter() - t0) / iters
+        dt, dc = (time.perf_counter() - t0) / iters, (time.process_time() - c0) / iters
         if self.mode == 'train':
             for k, v in zip(('fwd', 'bwd', 'opt'), sums):
                 self.parts[k].append(v / iters)
-        return dt
+        return dt, dc
 
 
 def summarize(times: Sequence[float]) -> Dict[str, float]:
@@ -242,17 +248,21 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
     per_iter = []
     for _ in range(args.warmup):
         for s in ('masa', 'dense'):
-            per_iter.append(runners[s].run(1))
+            per_iter.append(runners[s].run(1)[0])
     iters = max(1, int(args.min_run_s / max(min(per_iter) if per_iter else compile_s['dense'], 1e-6) + 0.999))
     for r in runners.values():
         r.parts = {'fwd': [], 'bwd': [], 'opt': []}
     times = {'masa': [], 'dense': []}
-    paired = []
-    for rep in range(args.repeats):
+    cpu_times = {'masa': [], 'dense': []}
+    paired, paired_cpu = [], []
+    for rep in range(args.eval_repeats if mode == 'eval' else args.repeats):
         order = ('masa', 'dense') if rep % 2 == 0 else ('dense', 'masa')
         for s in order:
-            times[s].append(runners[s].run(iters))
+            wall, cpu = runners[s].run(iters)
+            times[s].append(wall)
+            cpu_times[s].append(cpu)
         paired.append(times['masa'][-1] / times['dense'][-1])
+        paired_cpu.append(cpu_times['masa'][-1] / cpu_times['dense'][-1])
     res = dict(
         model=name, mode=mode, batch_size=batch_size, compiled=compiled, device=str(device),
         grad_checkpointing=bool(args.grad_checkpointing and mode == 'train'),
@@ -262,8 +272,10 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
     for s in ('masa', 'dense'):
         st = summarize(times[s])
         st['times'] = times[s]
+        st['cpu_times'] = cpu_times[s]
+        st['cpu_median'] = statistics.median(cpu_times[s])
         st['images_per_s'] = batch_size / st['median']
-        if mode == 'train':
+        if mode == 'train' and device.type == 'cpu':
             st['parts'] = {k: statistics.median(v) for k, v in runners[s].parts.items()}
         if compiled:
             st['first_call_s'] = compile_s[s]
@@ -271,6 +283,10 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
     res['ratio'] = res['masa']['median'] / res['dense']['median']
     ps = summarize(paired)
     res['paired_ratio'] = dict(median=ps['median'], q25=ps['q25'], q75=ps['q75'])
+    # process CPU time: what the step cost the CPU, insensitive to time spent waiting for a core on a shared machine
+    # (meaningful on CPU with --threads 1; with more threads it includes OpenMP spin-waiting)
+    res['cpu_ratio'] = res['masa']['cpu_median'] / res['dense']['cpu_median']
+    res['paired_cpu_ratio'] = statistics.median(paired_cpu)
     target = TARGETS[mode]
     res['target'] = target
     res['met'] = res['ratio'] <= target
@@ -282,24 +298,28 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
 # Peak memory: a fresh process per (model, batch, twin)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-def _rss_mb() -> Optional[float]:
+def _proc_status_mb(field: str) -> Optional[float]:
     try:
         with open('/proc/self/status') as f:
             for line in f:
-                if line.startswith('VmRSS:'):
+                if line.startswith(field + ':'):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return None
 
 
+def _peak_rss_mb() -> float:
+    """The process's peak RSS: VmHWM where /proc has it, else ru_maxrss. ru_maxrss alone is wrong in a subprocess:
+    Linux carries the forking parent's peak over exec, so a worker started by a large benchmark process would
+    report the parent's peak."""
+    hwm = _proc_status_mb('VmHWM')
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
 def _reset_peak_rss() -> bool:
-    """Reset the process's RSS high-water mark (Linux: writing 5 to /proc/self/clear_refs), so that ru_maxrss
-    measures from here and not the transient peak of importing torch."""
+    """Reset the process's RSS high-water mark (Linux: writing 5 to /proc/self/clear_refs), so that the peak is
+    measured from here and not the transient peak of importing torch."""
     try:
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
@@ -316,15 +336,15 @@ def memory_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         model_kwargs=spec['model_kwargs'], img_size=spec['img_size'], seed=spec['seed'], lr=1e-4,
         grad_checkpointing=spec['grad_checkpointing'])
     out = dict(peak_reset=_reset_peak_rss())
-    out['rss_start_mb'] = _rss_mb() if out['peak_reset'] else _maxrss_mb()
+    out['rss_start_mb'] = _proc_status_mb('VmRSS') if out['peak_reset'] else _peak_rss_mb()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     r = Runner(spec['model'], spec['sharing'], 'train', spec['batch_size'], args, device)
-    out['rss_built_mb'] = _rss_mb()
+    out['rss_built_mb'] = _proc_status_mb('VmRSS')
     for _ in range(spec['steps']):
         r.step()
     _sync(device)
-    out['rss_peak_mb'] = _maxrss_mb()
+    out['rss_peak_mb'] = _peak_rss_mb()
     if device.type == 'cuda':
         out['cuda_max_allocated_mb'] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     out['params'] = sum(p.numel() for p in r.model.parameters())
@@ -417,7 +437,7 @@ def time_conversions(args, device: torch.device, repeats: int = 3) -> List[Dict[
         f, sd = statistics.median(first), statistics.median(steady)
         out.append(dict(what=f'first eval call after a training step ({s} {name}, batch 1)', median=f, min=min(first),
                         max=max(first), n=len(first), steady_median=sd, extra_s=f - sd,
-                        target_s=TARGETS['conversion_s'] if s == 'masa' else None))
+                        target_s=None))
     for r in out:
         r['met'] = None if r.get('target_s') is None else r['median'] <= r['target_s']
     return out
@@ -427,10 +447,10 @@ def time_conversions(args, device: torch.device, repeats: int = 3) -> List[Dict[
 # Profile: where does MASA's extra time go?
 # ---------------------------------------------------------------------------------------------------------------
 
-def profile_breakdown(args, device: torch.device, steps: int = 3) -> Dict[str, Any]:
+def profile_breakdown(args, device: torch.device, steps: int = 4) -> Dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile, record_function
     name, bs = args.profile_model, args.profile_batch
-    res = dict(model=name, batch_size=bs, steps=steps)
+    res = dict(model=name, batch_size=bs, steps=steps, time='self device' if device.type == 'cuda' else 'self CPU')
 
     # label the weight composition (instrumentation of this process only; the library is untouched)
     orig_compose = AtomLinear._compose
@@ -440,22 +460,30 @@ def profile_breakdown(args, device: torch.device, steps: int = 3) -> Dict[str, A
             return orig_compose(self)
 
     AtomLinear._compose = labelled_compose
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+
+    def self_ms(e):  # CPU: self CPU time; CUDA: self device (kernel) time, which is what bounds a GPU step
+        return (e.self_device_time_total if device.type == 'cuda' else e.self_cpu_time_total) / 1e3
+
     try:
-        per_op = {}
-        labels = {}
-        for s in ('dense', 'masa'):
-            r = Runner(name, s, 'train', bs, args, device)
-            for _ in range(2):
+        runners = {s: Runner(name, s, 'train', bs, args, device) for s in ('dense', 'masa')}
+        for _ in range(2):
+            for r in runners.values():
                 r.step()
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-            with profile(activities=acts) as prof:
-                for _ in range(steps):
-                    r.step()
-            ka = prof.key_averages()
-            per_op[s] = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in ka}
-            labels[s] = {e.key: e.cpu_time_total / 1e3 / steps for e in ka
-                         if e.key in ('masa::compose', 'Optimizer.step#AdamW.step')}
-            del r
+        per_op = {s: {} for s in runners}
+        labels = {s: {} for s in runners}
+        # one profiler session per step, alternating the twins, so that a drift of the machine hits both alike
+        for i in range(steps):
+            for s in (('dense', 'masa') if i % 2 == 0 else ('masa', 'dense')):
+                with profile(activities=acts) as prof:
+                    runners[s].step()
+                for e in prof.key_averages():
+                    ms, n = per_op[s].get(e.key, (0.0, 0))
+                    per_op[s][e.key] = (ms + self_ms(e) / steps, n + e.count)
+                    if e.key in ('masa::compose', 'Optimizer.step#AdamW.step'):
+                        labels[s][e.key] = labels[s].get(e.key, 0.0) + e.cpu_time_total / 1e3 / steps
+        per_op = {s: {k: (ms, n // steps) for k, (ms, n) in ops.items()} for s, ops in per_op.items()}
+        del runners
     finally:
         AtomLinear._compose = orig_compose
 
@@ -489,6 +517,10 @@ def profile_breakdown(args, device: torch.device, steps: int = 3) -> Dict[str, A
 
     recon()
     res['reconstruction_fwd_bwd_ms'] = _timeit(recon, 7)['median'] * 1e3
+    with profile(activities=acts) as prof:
+        recon()
+    ops = sorted(prof.key_averages(), key=lambda e: -self_ms(e))
+    res['reconstruction_ops'] = [dict(op=e.key, ms=self_ms(e), calls=e.count) for e in ops[:8]]
     res['num_atom_linears'] = len(layers)
 
     # the eval cache: cost of a hit (key check) per layer and per forward
@@ -501,9 +533,9 @@ def profile_breakdown(args, device: torch.device, steps: int = 3) -> Dict[str, A
             layers[0].composed_weight()
         hit_us = (time.perf_counter() - t0) / n * 1e6
         t0 = time.perf_counter()
-        for _ in range(n):
+        for _ in range(n // 10):
             layers[0]._compose()
-        miss_us = (time.perf_counter() - t0) / n * 1e6
+        miss_us = (time.perf_counter() - t0) / (n // 10) * 1e6
     res['cache_hit_us_per_layer'] = hit_us
     res['cache_hit_us_per_forward'] = hit_us * len(layers)
     res['compose_us_per_layer'] = miss_us
@@ -562,12 +594,14 @@ def to_markdown(results: Dict[str, Any]) -> str:
     ]
     if results['speed']:
         lines += [
-            'Time per step in ms: median [IQR] over the interleaved runs; ratio = MASA median / dense median; '
-            'paired = median of the per-repeat ratios. Load = 1-min load average before / after the case.',
+            'Time per step in ms: median [IQR] over the interleaved runs; ratio = MASA median / dense median '
+            '(wall clock, what the targets are checked on); paired = median of the per-repeat ratios; CPU = the same '
+            'two on process CPU time, which a busy shared machine disturbs less. Load = 1-min load average before / '
+            'after the case.',
             '',
             '| model | mode | batch | compiled | dense ms | MASA ms | dense img/s | MASA img/s | ratio | paired | '
-            'target | met | load |',
-            '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+            'CPU ratio / paired | target | met | load |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
         ]
         for r in results['speed']:
             d, m = r['dense'], r['masa']
@@ -576,9 +610,10 @@ def to_markdown(results: Dict[str, Any]) -> str:
                 f"{'yes' if r['compiled'] else 'no'} | "
                 f"{_ms(d['median'])} [{_ms(d['q25'])}-{_ms(d['q75'])}] | {_ms(m['median'])} [{_ms(m['q25'])}-"
                 f"{_ms(m['q75'])}] | {d['images_per_s']:.1f} | {m['images_per_s']:.1f} | {r['ratio']:.3f} | "
-                f"{r['paired_ratio']['median']:.3f} | <= {r['target']:.2f} | {_met(r['met'])} | "
+                f"{r['paired_ratio']['median']:.3f} | {r['cpu_ratio']:.3f} / {r['paired_cpu_ratio']:.3f} | "
+                f"<= {r['target']:.2f} | {_met(r['met'])} | "
                 f"{r['load_before'][0] if r['load_before'] else '?'} / {r['load_after'][0] if r['load_after'] else '?'} |")
-        train = [r for r in results['speed'] if r['mode'] == 'train']
+        train = [r for r in results['speed'] if r['mode'] == 'train' and 'parts' in r['dense']]
         if train:
             lines += ['', 'Training step split (median ms per step: forward + loss / backward / AdamW step):', '',
                       '| model | batch | dense fwd | MASA fwd | dense bwd | MASA bwd | dense opt | MASA opt |',
@@ -596,7 +631,7 @@ def to_markdown(results: Dict[str, Any]) -> str:
         cuda = results['memory'][0]['metric'] == 'cuda_max_allocated_mb'
         lines += ['', f"Peak training memory ({results['memory'][0]['steps']} AdamW steps, fresh process per twin; "
                       + ('torch.cuda.max_memory_allocated' if cuda else
-                         'ru_maxrss with the high-water mark reset after the imports; "above start" subtracts the RSS of the interpreter + torch + timm at that point') + '):', '']
+                         'peak RSS (VmHWM) with the high-water mark reset after the imports; "above start" subtracts the RSS of the interpreter + torch + timm at that point') + '):', '']
         if cuda:
             lines += ['| model | batch | dense MiB | MASA MiB | ratio | target | met |', '|---|---|---|---|---|---|---|']
             for r in results['memory']:
@@ -623,9 +658,9 @@ def to_markdown(results: Dict[str, Any]) -> str:
     prof = results.get('profile')
     if prof:
         lines += [
-            '', f"Profile: {prof['model']} training step, batch {prof['batch_size']}, torch.profiler, per step "
+            '', f"Profile ({prof['time']} time): {prof['model']} training step, batch {prof['batch_size']}, torch.profiler, per step "
                 f"(mean of {prof['steps']}; the profiler's own overhead inflates small ops):", '',
-            f"- self CPU time, all ops: dense {prof['total_self_ms']['dense']:.0f} ms, "
+            f"- {prof['time']} time, all ops: dense {prof['total_self_ms']['dense']:.0f} ms, "
             f"MASA {prof['total_self_ms']['masa']:.0f} ms",
             f"- weight composition forward (`masa::compose`, {prof['num_atom_linears']} layers): "
             f"{prof['compose_fwd_ms']:.1f} ms",
@@ -637,12 +672,28 @@ def to_markdown(results: Dict[str, Any]) -> str:
             f"- eval cache hit: {prof['cache_hit_us_per_layer']:.1f} us per layer, "
             f"{prof['cache_hit_us_per_forward'] / 1e3:.2f} ms per forward (a miss composes in "
             f"{prof['compose_us_per_layer']:.0f} us per layer)",
+            f"  (its top ops, profiled: " + ', '.join(
+                f"`{r['op']}` {r['ms']:.1f} ms x{r['calls']}" for r in prof.get('reconstruction_ops', [])[:6]) + ')',
             '', '| op | dense ms | MASA ms | MASA - dense ms | dense calls | MASA calls |', '|---|---|---|---|---|---|',
         ]
         for r in prof['op_diff']:
             lines.append(f"| `{r['op']}` | {r['dense_ms']:.1f} | {r['masa_ms']:.1f} | {r['diff_ms']:+.1f} | "
                          f"{r['dense_calls']} | {r['masa_calls']} |")
     return '\n'.join(lines) + '\n'
+
+
+def write_markdown(path: str, text: str, section: str) -> None:
+    """Write the tables to `path`; when it already holds this section's markers (e.g. docs/speed.md), replace only
+    what lies between them, so that re-running the benchmark updates the committed document in place."""
+    begin, end = f'<!-- bench_speed:{section}:begin -->', f'<!-- bench_speed:{section}:end -->'
+    old = open(path).read() if os.path.exists(path) else ''
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        text = head + begin + '\n' + text + end + rest.split(end, 1)[1]
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+        f.write(text)
 
 
 def _cases(grids):
@@ -664,6 +715,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     args.model_kwargs = json.loads(args.model_kwargs)
     args.repeats = args.repeats or preset['repeats']
+    args.eval_repeats = args.eval_repeats or max(args.repeats, preset['eval_repeats'])
     args.warmup = preset['warmup'] if args.warmup is None else args.warmup
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -686,11 +738,9 @@ def main(argv=None):
         with open(args.out, 'w') as f:
             json.dump(results, f, indent=1)
         if args.markdown:
-            os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-            with open(args.markdown, 'w') as f:
-                f.write(to_markdown(results))
+            write_markdown(args.markdown, to_markdown(results), args.markdown_section)
 
-    for compiled in compiled_flags:
+    for compiled in compiled_flags if args.speed else []:
         for name, mode, bs in _cases(grids):
             t0 = time.perf_counter()
             try:
@@ -702,9 +752,10 @@ def main(argv=None):
                 results['speed'].append(dict(model=name, mode=mode, batch_size=bs, compiled=True, error=repr(e)))
                 continue
             results['speed'].append(r)
-            _logger.info('%s %s b%d%s: dense %.1f ms, MASA %.1f ms, ratio %.3f (paired %.3f) [%.0f s]', name, mode,
-                         bs, ' compiled' if compiled else '', r['dense']['median'] * 1e3, r['masa']['median'] * 1e3,
-                         r['ratio'], r['paired_ratio']['median'], time.perf_counter() - t0)
+            _logger.info('%s %s b%d%s: dense %.1f ms, MASA %.1f ms, ratio %.3f (paired %.3f; CPU time %.3f / %.3f) '
+                         '[%.0f s]', name, mode, bs, ' compiled' if compiled else '', r['dense']['median'] * 1e3,
+                         r['masa']['median'] * 1e3, r['ratio'], r['paired_ratio']['median'], r['cpu_ratio'],
+                         r['paired_cpu_ratio'], time.perf_counter() - t0)
             save()
     if args.memory:
         for g in mem_grids:
