@@ -604,13 +604,17 @@ def _groups(records: Sequence[Dict[str, Any]]):
 
 
 def write_csv(records: Sequence[Dict[str, Any]], path: str) -> None:
+    """One row per run (done or failed); output_dir relative to the CSV's folder, so the file can be moved."""
+    root = os.path.dirname(os.path.abspath(path))
     tmp = path + '.tmp'
     with open(tmp, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction='ignore')
         writer.writeheader()
         for rec in records:
             if rec['status'] in ('done', 'failed'):
-                writer.writerow({k: rec.get(k, '') for k in CSV_COLUMNS})
+                row = {k: rec.get(k, '') for k in CSV_COLUMNS}
+                row['output_dir'] = os.path.relpath(os.path.abspath(row['output_dir']), root)
+                writer.writerow(row)
     os.replace(tmp, path)
 
 
@@ -622,6 +626,9 @@ def markdown_table(records: Sequence[Dict[str, Any]], grid: Dict[str, Any], comm
         lines += [grid['description'].strip(), '']
     if command:
         lines += [f'Command: `{command}`', '']
+    if grid.get('overrides'):  # --set wins over the grid (and its description)
+        lines += ['Overrides of the grid for every run: ' +
+                  ', '.join(f'`{k}={v}`' for k, v in grid['overrides'].items()) + '.', '']
     wall = sum(r.get('wall_time_s') or 0 for r in done)
     cpu = sum(r.get('cpu_time_s') or 0 for r in done)
     elapsed = _elapsed([r['output_dir'] for r in done])
