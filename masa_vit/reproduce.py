@@ -618,14 +618,18 @@ def write_csv(records: Sequence[Dict[str, Any]], path: str) -> None:
     os.replace(tmp, path)
 
 
-def markdown_table(records: Sequence[Dict[str, Any]], grid: Dict[str, Any], command: str = '') -> str:
+def markdown_table(records: Sequence[Dict[str, Any]], grid: Dict[str, Any], command: Any = '') -> str:
     """The paper's ViT comparison layout: per dataset and shape, one row per method and S, top-1 mean +- std."""
     done = [r for r in records if r['status'] == 'done']
     lines = [f"# {grid['name']}: sharing methods at the same attention budget", '']
     if grid.get('description'):
         lines += [grid['description'].strip(), '']
-    if command:
-        lines += [f'Command: `{command}`', '']
+    commands = [command] if isinstance(command, str) else list(command)
+    commands = [c for c in commands if c]
+    if len(commands) == 1:
+        lines += [f'Command: `{commands[0]}`', '']
+    elif commands:
+        lines += ['Commands that trained into this folder, in order:', ''] + [f'- `{c}`' for c in commands] + ['']
     if grid.get('overrides'):  # --set wins over the grid (and its description)
         lines += ['Overrides of the grid for every run: ' +
                   ', '.join(f'`{k}={v}`' for k, v in grid['overrides'].items()) + '.', '']
@@ -775,7 +779,7 @@ def write_plot(records: Sequence[Dict[str, Any]], path: str, title: str = '') ->
     os.replace(tmp, path)
 
 
-def write_reports(grid: Dict[str, Any], cells: Sequence[Cell], output: str, command: str = '') -> Dict[str, str]:
+def write_reports(grid: Dict[str, Any], cells: Sequence[Cell], output: str, command: Any = '') -> Dict[str, str]:
     """runs.csv, results.md and results.png from the cells' result files; returns their paths."""
     records = _collect(cells, output)
     paths = dict(csv=os.path.join(output, 'runs.csv'), markdown=os.path.join(output, 'results.md'),
@@ -821,13 +825,17 @@ def run_grid(
     if dry_run:
         return result
     os.makedirs(output, exist_ok=True)
+    # grid.yaml: every command that trained into this folder, in order (the table lists them, not --report-only)
     grid_yaml = os.path.join(output, 'grid.yaml')
-    if report_only and os.path.isfile(grid_yaml):  # the table names the command that trained, not this one
-        command = (yaml.safe_load(open(grid_yaml)) or {}).get('command', command)
-    else:
+    state = _read_yaml(grid_yaml, 'grid.yaml') if os.path.isfile(grid_yaml) else None
+    state = state if isinstance(state, dict) else {}
+    commands = list(state.get('commands') or ([state['command']] if state.get('command') else []))
+    if not report_only:
+        commands.append(command)
         with open(grid_yaml, 'w') as f:
-            yaml.safe_dump(dict(source=grid_path, command=command, seeds=grid['seeds'], threads=grid['threads'],
+            yaml.safe_dump(dict(source=grid_path, commands=commands, seeds=grid['seeds'], threads=grid['threads'],
                                 jobs=grid['jobs']), f, sort_keys=False)
+    command = commands or [command]
     if not report_only:
         todo = [c for c in cells if statuses[c.cell_id] != 'done']
         jobs = grid['jobs'] or 1
