@@ -148,9 +148,10 @@ class AtomLinear(nn.Module):
             u, v = self.lowrank[f'{p}_u'], self.lowrank[f'{p}_v']
             if b == 'none':
                 # (U V)_ij = sum_k U_ik V_kj has std r^0.5 * a * b = std for a = b = (std / r^0.5)^0.5
+                # (plain normal: truncating each factor at 2 sigma would shrink the product's std by 0.88^2)
                 a = (std / self.lowrank_ranks[p] ** 0.5) ** 0.5
-                trunc_normal_(u, std=a, a=-2 * a, b=2 * a)
-                trunc_normal_(v, std=a, a=-2 * a, b=2 * a)
+                nn.init.normal_(u, std=a)
+                nn.init.normal_(v, std=a)
             else:
                 trunc_normal_(u, std=std)
                 nn.init.zeros_(v)

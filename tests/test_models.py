@@ -372,3 +372,10 @@ def test_pretrained_tag_converts_local_dense_checkpoint_on_load(tmp_path):
     compressed = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kw).eval()
     assert compressed.dictionaries[0].atoms.shape[:2] == (4, 2)
     torch.testing.assert_close(compressed.head.weight, dense.head.weight)  # non-attention weights are the dense ones
+
+
+def test_low_rank_baseline_starts_at_the_dense_scale():
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_small', sharing='low_rank', img_size=32)
+    w = m.blocks[0].attn.qkv.composed_weight().detach()
+    assert abs(w.std().item() / 0.02 - 1) < 0.05
