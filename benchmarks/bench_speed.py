@@ -106,6 +106,8 @@ def parse_args(argv=None):
                    help='timed runs per model for eval cases (cheap and noise-sensitive; default: the preset\'s)')
     p.add_argument('--warmup', type=int, default=None, help='untimed warm-up runs per model (default: the preset\'s)')
     p.add_argument('--min-run-s', type=float, default=0.5, help='each timed run repeats the step to last this long')
+    p.add_argument('--control', action=argparse.BooleanOptionalAction, default=True,
+                   help='eval cases also time a third arm, to_dense(MASA model): same arithmetic as the cached MASA eval')
     p.add_argument('--compile', default='off', choices=('off', 'on', 'both'), help='torch.compile the twins')
     p.add_argument('--grad-checkpointing', action='store_true', help="timm's set_grad_checkpointing for train")
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (bf16 autocast on CUDA)")
@@ -114,6 +116,9 @@ def parse_args(argv=None):
     p.add_argument('--speed', action=argparse.BooleanOptionalAction, default=True, help='the timed cases')
     p.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True, help='peak memory subprocesses')
     p.add_argument('--memory-steps', type=int, default=3, help='training steps per memory subprocess')
+    p.add_argument('--memory-allocator', default='both', choices=('default', 'mmap', 'both'),
+                   help="CPU: glibc's default malloc, and/or a fixed 64 KiB mmap threshold (peak RSS then follows the "
+                        "peak of live tensors instead of heap fragmentation)")
     p.add_argument('--conversions', action=argparse.BooleanOptionalAction, default=True, help='time conversions')
     p.add_argument('--conversion-model', default='masa_vit_base', help='model for the conversion timings')
     p.add_argument('--profile', action=argparse.BooleanOptionalAction, default=True, help='profiler breakdown')
@@ -167,9 +172,10 @@ def make_batch(model: nn.Module, batch_size: int, device: torch.device, seed: in
 class Runner:
     """One twin, ready to time: model, optimizer, batch, and a step function for the mode."""
 
-    def __init__(self, name, sharing, mode, batch_size, args, device, compiled=False):
+    def __init__(self, name, sharing, mode, batch_size, args, device, compiled=False, model=None):
         self.sharing = sharing
-        self.model = build_model(name, sharing, args.model_kwargs, args.img_size, args.seed, device)
+        self.model = model if model is not None else build_model(
+            name, sharing, args.model_kwargs, args.img_size, args.seed, device)
         self.x, self.y = make_batch(self.model, batch_size, device, args.seed)
         self.device = device
         self.mode = mode
@@ -239,25 +245,31 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
     """Interleaved timing of the MASA model and its dense twin for one (model, mode, batch) case."""
     load_before = _loadavg()
     runners = {s: Runner(name, s, mode, batch_size, args, device, compiled) for s in ('masa', 'dense')}
+    if mode == 'eval' and args.control:
+        # control arm: the dense export of the MASA model (masa_vit.to_dense), i.e. MASA's own weights in plain
+        # nn.Linear layers: the same arithmetic as MASA's cached eval by construction. MASA / control isolates the
+        # cost of the mechanism (cache checks); control / dense shows what weight values and noise alone do.
+        runners['control'] = Runner(name, 'control', mode, batch_size, args, device, compiled,
+                                    model=masa_vit.to_dense(runners['masa'].model))
+    arms = tuple(runners)
     compile_s = {}
     # the first call (compilation when compiled), then warm-up; calibrate iterations per run on the dense twin
-    for s in ('masa', 'dense'):
+    for s in arms:
         t0 = time.perf_counter()
         runners[s].step()
         compile_s[s] = time.perf_counter() - t0
     per_iter = []
     for _ in range(args.warmup):
-        for s in ('masa', 'dense'):
+        for s in arms:
             per_iter.append(runners[s].run(1)[0])
     iters = max(1, int(args.min_run_s / max(min(per_iter) if per_iter else compile_s['dense'], 1e-6) + 0.999))
     for r in runners.values():
         r.parts = {'fwd': [], 'bwd': [], 'opt': []}
-    times = {'masa': [], 'dense': []}
-    cpu_times = {'masa': [], 'dense': []}
+    times = {s: [] for s in arms}
+    cpu_times = {s: [] for s in arms}
     paired, paired_cpu = [], []
     for rep in range(args.eval_repeats if mode == 'eval' else args.repeats):
-        order = ('masa', 'dense') if rep % 2 == 0 else ('dense', 'masa')
-        for s in order:
+        for s in (arms if rep % 2 == 0 else arms[::-1]):
             wall, cpu = runners[s].run(iters)
             times[s].append(wall)
             cpu_times[s].append(cpu)
@@ -269,7 +281,7 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
         iters_per_run=iters, load_before=load_before, load_after=_loadavg(),
         params={s: masa_vit.count_params(r.model) for s, r in runners.items()},
     )
-    for s in ('masa', 'dense'):
+    for s in arms:
         st = summarize(times[s])
         st['times'] = times[s]
         st['cpu_times'] = cpu_times[s]
@@ -287,6 +299,11 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
     # (meaningful on CPU with --threads 1; with more threads it includes OpenMP spin-waiting)
     res['cpu_ratio'] = res['masa']['cpu_median'] / res['dense']['cpu_median']
     res['paired_cpu_ratio'] = statistics.median(paired_cpu)
+    if 'control' in runners:
+        res['control_ratio'] = res['control']['median'] / res['dense']['median']
+        res['masa_over_control'] = res['masa']['median'] / res['control']['median']
+        res['masa_over_control_paired'] = statistics.median(
+            [a / b for a, b in zip(times['masa'], times['control'])])
     target = TARGETS[mode]
     res['target'] = target
     res['met'] = res['ratio'] <= target
@@ -351,15 +368,23 @@ def memory_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def measure_memory(name: str, batch_size: int, args, device: torch.device) -> Dict[str, Any]:
+# glibc keeps freed chunks below its (adaptive, up to 32 MiB) mmap threshold in its heap, so RSS also counts
+# fragmentation that depends on the order of allocations; with a fixed small threshold every tensor buffer is its own
+# mapping, returned on free, and the peak RSS follows the peak of live tensors
+_MMAP_ENV = {'MALLOC_MMAP_THRESHOLD_': '65536', 'GLIBC_TUNABLES': 'glibc.malloc.mmap_threshold=65536'}
+
+
+def measure_memory(name: str, batch_size: int, args, device: torch.device, allocator: str = 'default'
+                   ) -> Dict[str, Any]:
     res = dict(model=name, batch_size=batch_size, device=str(device), steps=args.memory_steps,
-               grad_checkpointing=bool(args.grad_checkpointing))
+               grad_checkpointing=bool(args.grad_checkpointing), allocator=allocator)
+    env = dict(os.environ, **_MMAP_ENV) if allocator == 'mmap' else None
     for s in ('dense', 'masa'):
         spec = dict(model=name, sharing=s, batch_size=batch_size, steps=args.memory_steps, device=str(device),
                     threads=args.threads, model_kwargs=args.model_kwargs, img_size=args.img_size, seed=args.seed,
                     grad_checkpointing=bool(args.grad_checkpointing))
         cmd = [sys.executable, os.path.abspath(__file__), '--memory-worker', json.dumps(spec)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f'memory worker failed for {spec}:\n{proc.stderr[-3000:]}')
         res[s] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -613,6 +638,16 @@ def to_markdown(results: Dict[str, Any]) -> str:
                 f"{r['paired_ratio']['median']:.3f} | {r['cpu_ratio']:.3f} / {r['paired_cpu_ratio']:.3f} | "
                 f"<= {r['target']:.2f} | {_met(r['met'])} | "
                 f"{r['load_before'][0] if r['load_before'] else '?'} / {r['load_after'][0] if r['load_after'] else '?'} |")
+        ctrl = [r for r in results['speed'] if 'control_ratio' in r]
+        if ctrl:
+            lines += ['', 'Eval control arm: `to_dense(MASA model)`, MASA\'s own weights in plain nn.Linear layers (the '
+                      'same arithmetic as the cached MASA eval). control / dense = what the weight values and the '
+                      'machine\'s noise do alone; MASA / control = the cost of the cache mechanism itself.', '',
+                      '| model | batch | control / dense | MASA / control | MASA / control paired |',
+                      '|---|---|---|---|---|']
+            for r in ctrl:
+                lines.append(f"| {r['model']} | {r['batch_size']} | {r['control_ratio']:.3f} | "
+                             f"{r['masa_over_control']:.3f} | {r['masa_over_control_paired']:.3f} |")
         train = [r for r in results['speed'] if r['mode'] == 'train' and 'parts' in r['dense']]
         if train:
             lines += ['', 'Training step split (median ms per step: forward + loss / backward / AdamW step):', '',
@@ -631,19 +666,23 @@ def to_markdown(results: Dict[str, Any]) -> str:
         cuda = results['memory'][0]['metric'] == 'cuda_max_allocated_mb'
         lines += ['', f"Peak training memory ({results['memory'][0]['steps']} AdamW steps, fresh process per twin; "
                       + ('torch.cuda.max_memory_allocated' if cuda else
-                         'peak RSS (VmHWM) with the high-water mark reset after the imports; "above start" subtracts the RSS of the interpreter + torch + timm at that point') + '):', '']
+                         'peak RSS (VmHWM) with the high-water mark reset after the imports; "above start" subtracts the RSS of the '
+                         'interpreter + torch + timm at that point; malloc "default" is glibc as users run it, "mmap" '
+                         'a fixed 64 KiB mmap threshold, under which the peak RSS follows the peak of live tensors '
+                         'rather than heap fragmentation') + '):', '']
         if cuda:
             lines += ['| model | batch | dense MiB | MASA MiB | ratio | target | met |', '|---|---|---|---|---|---|---|']
             for r in results['memory']:
                 lines.append(f"| {r['model']} | {r['batch_size']} | {r['dense']['cuda_max_allocated_mb']:.0f} | "
                              f"{r['masa']['cuda_max_allocated_mb']:.0f} | {r['ratio']:.3f} | <= 1.00 | {_met(r['met'])} |")
         else:
-            lines += ['| model | batch | dense peak MiB | MASA peak MiB | ratio | dense above start | MASA above start | '
-                      'ratio above start | target | met |', '|---|---|---|---|---|---|---|---|---|---|']
+            lines += ['| malloc | model | batch | dense peak MiB | MASA peak MiB | ratio | dense above start | '
+                      'MASA above start | ratio above start | target | met |', '|---|---|---|---|---|---|---|---|---|---|---|']
             for r in results['memory']:
                 d, m = r['dense'], r['masa']
                 lines.append(
-                    f"| {r['model']} | {r['batch_size']} | {d['rss_peak_mb']:.0f} | {m['rss_peak_mb']:.0f} | "
+                    f"| {r.get('allocator', 'default')} | {r['model']} | {r['batch_size']} | {d['rss_peak_mb']:.0f} | "
+                    f"{m['rss_peak_mb']:.0f} | "
                     f"{r['ratio']:.3f} | {d['rss_peak_mb'] - d['rss_start_mb']:.0f} | "
                     f"{m['rss_peak_mb'] - m['rss_start_mb']:.0f} | {r['ratio_above_start']:.3f} | <= 1.00 | "
                     f"{_met(r['met'])} |")
@@ -758,13 +797,16 @@ def main(argv=None):
                          r['paired_cpu_ratio'], time.perf_counter() - t0)
             save()
     if args.memory:
-        for g in mem_grids:
-            for name in g['models']:
-                for bs in g['batch_sizes']:
-                    r = measure_memory(name, bs, args, device)
-                    results['memory'].append(r)
-                    _logger.info('memory %s b%d: ratio %.3f', name, bs, r['ratio'])
-                    save()
+        allocators = ['default'] if device.type == 'cuda' else \
+            {'default': ['default'], 'mmap': ['mmap'], 'both': ['default', 'mmap']}[args.memory_allocator]
+        for allocator in allocators:
+            for g in mem_grids:
+                for name in g['models']:
+                    for bs in g['batch_sizes']:
+                        r = measure_memory(name, bs, args, device, allocator)
+                        results['memory'].append(r)
+                        _logger.info('memory (%s allocator) %s b%d: ratio %.3f', allocator, name, bs, r['ratio'])
+                        save()
     if args.conversions:
         results['conversions'] = time_conversions(args, device)
         for r in results['conversions']:
