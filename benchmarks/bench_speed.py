@@ -59,6 +59,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import masa_vit  # noqa: E402  (registers the masa_vit_* models)
 from masa_vit.attention import AtomLinear  # noqa: E402
 
+# weight compositions, counted to show that timed eval runs hit the cache (a wrapper, not a change of the model)
+_compose_calls = [0]
+_compose = AtomLinear._compose
+
+
+def _counted_compose(self):
+    if not torch.compiler.is_compiling():
+        _compose_calls[0] += 1
+    return _compose(self)
+
+
+AtomLinear._compose = _counted_compose
+
 _logger = logging.getLogger('bench_speed')
 
 MODELS_224 = ('masa_vit_tiny', 'masa_vit_small', 'masa_vit_base')
@@ -251,6 +264,10 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
         # cost of the mechanism (cache checks); control / dense shows what weight values and noise alone do.
         runners['control'] = Runner(name, 'control', mode, batch_size, args, device, compiled,
                                     model=masa_vit.to_dense(runners['masa'].model))
+        # A/A arm: a deep copy of the dense twin (same weights, same class, fresh allocations). dense copy / dense is
+        # what this machine reports for two identical models: the resolution of every ratio in this case.
+        runners['dense_copy'] = Runner(name, 'dense_copy', mode, batch_size, args, device, compiled,
+                                       model=copy.deepcopy(runners['dense'].model))
     arms = tuple(runners)
     compile_s = {}
     # the first call (compilation when compiled), then warm-up; calibrate iterations per run on the dense twin
@@ -268,6 +285,7 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
     times = {s: [] for s in arms}
     cpu_times = {s: [] for s in arms}
     paired, paired_cpu = [], []
+    composes_before = _compose_calls[0]
     for rep in range(args.eval_repeats if mode == 'eval' else args.repeats):
         for s in (arms if rep % 2 == 0 else arms[::-1]):
             wall, cpu = runners[s].run(iters)
@@ -279,6 +297,9 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
         model=name, mode=mode, batch_size=batch_size, compiled=compiled, device=str(device),
         grad_checkpointing=bool(args.grad_checkpointing and mode == 'train'),
         iters_per_run=iters, load_before=load_before, load_after=_loadavg(),
+        # eval: weight compositions during the timed runs (0 = every cached call hit; uncompiled only, compiled
+        # graphs compose inside the graph)
+        compose_calls=_compose_calls[0] - composes_before,
         params={s: masa_vit.count_params(r.model) for s, r in runners.items()},
     )
     for s in arms:
@@ -304,6 +325,9 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
         res['masa_over_control'] = res['masa']['median'] / res['control']['median']
         res['masa_over_control_paired'] = statistics.median(
             [a / b for a, b in zip(times['masa'], times['control'])])
+    if 'dense_copy' in runners:
+        res['aa_ratio'] = res['dense_copy']['median'] / res['dense']['median']
+        res['aa_paired'] = statistics.median([a / b for a, b in zip(times['dense_copy'], times['dense'])])
     target = TARGETS[mode]
     res['target'] = target
     res['met'] = res['ratio'] <= target
@@ -640,14 +664,19 @@ def to_markdown(results: Dict[str, Any]) -> str:
                 f"{r['load_before'][0] if r['load_before'] else '?'} / {r['load_after'][0] if r['load_after'] else '?'} |")
         ctrl = [r for r in results['speed'] if 'control_ratio' in r]
         if ctrl:
-            lines += ['', 'Eval control arm: `to_dense(MASA model)`, MASA\'s own weights in plain nn.Linear layers (the '
-                      'same arithmetic as the cached MASA eval). control / dense = what the weight values and the '
-                      'machine\'s noise do alone; MASA / control = the cost of the cache mechanism itself.', '',
-                      '| model | batch | control / dense | MASA / control | MASA / control paired |',
-                      '|---|---|---|---|---|']
+            lines += ['', 'Eval control arms: control = `to_dense(MASA model)`, MASA\'s own weights in plain nn.Linear '
+                      'layers (the same arithmetic as the cached MASA eval); A/A = a deep copy of the dense twin timed '
+                      'against the dense twin (identical models: what this machine reports as a difference when '
+                      'there is none). MASA / control = the cost of the cache mechanism itself; compositions = '
+                      'weights composed during the timed MASA runs (0: every call hit the cache).', '',
+                      '| model | batch | A/A ratio / paired | control / dense | MASA / control | MASA / control paired '
+                      '| compositions |',
+                      '|---|---|---|---|---|---|---|']
             for r in ctrl:
-                lines.append(f"| {r['model']} | {r['batch_size']} | {r['control_ratio']:.3f} | "
-                             f"{r['masa_over_control']:.3f} | {r['masa_over_control_paired']:.3f} |")
+                aa = f"{r['aa_ratio']:.3f} / {r['aa_paired']:.3f}" if 'aa_ratio' in r else '-'
+                lines.append(f"| {r['model']} | {r['batch_size']} | {aa} | {r['control_ratio']:.3f} | "
+                             f"{r['masa_over_control']:.3f} | {r['masa_over_control_paired']:.3f} | "
+                             f"{r.get('compose_calls', '-')} |")
         train = [r for r in results['speed'] if r['mode'] == 'train' and 'parts' in r['dense']]
         if train:
             lines += ['', 'Training step split (median ms per step: forward + loss / backward / AdamW step):', '',
