@@ -41,7 +41,7 @@ from timm.models import VisionTransformer
 from .attention import AtomLinear
 from .masa_vision_transformer import MasaVisionTransformer, count_params, parse_share, resolve_groups
 from .matrix_pca import (
-    allocate_ranks, cholesky_factor, kl_group_starts, layer_kl_drift, matrix_pca, matrix_pca_common,
+    allocate_ranks, cholesky_factor, joint_refine, kl_group_starts, layer_kl_drift, matrix_pca, matrix_pca_common,
     matrix_pca_spectrum, truncated_svd, whitened_lowrank,
 )
 
@@ -578,6 +578,55 @@ def _whitened_energy(weights, kinds, depth, chol) -> Dict[str, float]:
     return energy
 
 
+def _joint_refine_groups(
+        weights: Mapping[Tuple[int, str], torch.Tensor],
+        bounds: Sequence[Tuple[int, int]],
+        kinds: Sequence[str],
+        common: bool,
+        atoms_per_group: Sequence[int],
+        ranks: Mapping[str, int],
+        chol: Optional[Mapping[str, torch.Tensor]],
+        iters: int,
+        method: str = 'lbfgs',
+        tol: float = 0.0,
+) -> Dict[str, Any]:
+    """Matrix PCA + whitened low rank of every group, then `joint_refine` (block coordinate descent on atoms,
+    coefficients and low-rank terms) of each dictionary: per kind, or all kinds at once for a common dictionary.
+
+    Returns per group atoms (P or 1, S, o, i) and coef (P, L, S), the low-rank factors per (block, kind), the final
+    whitened objective per kind and the objective history per dictionary (float64).
+    """
+    dim_in = weights[(0, kinds[0])].shape[1]
+    eye = torch.eye(dim_in, dtype=torch.float64)
+
+    def chol_of(block, kind):
+        return chol[_layer_of(block, kind)] if chol is not None else eye
+
+    out = dict(groups=[], lowrank={}, objective={k: 0.0 for k in kinds}, history=[])
+    for g, ((a, b), s) in enumerate(zip(bounds, atoms_per_group)):
+        stacks = [torch.stack([weights[(l, k)] for l in range(a, b)]) for k in kinds]
+        blocks = list(range(a, b))
+        if common:
+            atoms, coef = matrix_pca_common(stacks, s)  # (S, o, i), (P, L, S)
+            sets = [(list(kinds), torch.cat(stacks), atoms, coef.reshape(-1, s))]
+        else:
+            sets = [([k], stack, *matrix_pca(stack, s)) for k, stack in zip(kinds, stacks)]
+        g_atoms, g_coef = [], []
+        for set_kinds, w, atoms, coef in sets:
+            items = [(l, k) for k in set_kinds for l in blocks]
+            res = joint_refine(w, atoms, coef, [chol_of(l, k) for l, k in items], [ranks.get(k, 0) for _, k in items],
+                               iters, tol=tol, method=method)
+            g_atoms.append(res['atoms'])
+            g_coef.append(res['coef'].reshape(len(set_kinds), len(blocks), s))
+            for n, (l, k) in enumerate(items):
+                out['objective'][k] += float(res['objective'][n])
+                if res['u'][n] is not None:
+                    out['lowrank'][(l, k)] = (res['u'][n], res['v'][n])
+            out['history'].append(dict(group=g, proj=''.join(set_kinds), objective=res['history']))
+        out['groups'].append(dict(atoms=torch.stack(g_atoms), coef=torch.cat(g_coef)))
+    return out
+
+
 def _plan(
         weights: Mapping[Tuple[int, str], torch.Tensor],
         bounds: Sequence[Tuple[int, int]],
@@ -591,8 +640,18 @@ def _plan(
         refine_rank: Optional[Union[int, Mapping[str, int]]],
         chol: Optional[Mapping[str, torch.Tensor]],
         rank_step: int,
+        refine_iters: int = 0,
+        refine_method: str = 'lbfgs',
+        refine_candidates: Optional[int] = None,
+        judge: Optional[Any] = None,
 ) -> Dict[str, Any]:
-    """Choose atoms per group and refinement ranks per role for the attention parameter budget."""
+    """Choose atoms per group and refinement ranks per role for the attention parameter budget.
+
+    With `refine_iters`, candidates are also jointly refined (ranks as allocated for their Matrix PCA residual), the
+    fewest atoms first, until one refines worse than the best so far (at most `refine_candidates`), and compared
+    on the refined objective, or on `judge(candidate, joint)` (lower is better, e.g. the converted model's KL on the
+    calibration images) when given; the best one's refined weights are returned as 'joint'.
+    """
     depth = bounds[-1][1]
     num_kinds = len(kinds)
     rank_cost = {k: depth * 2 * dim for k in kinds}
@@ -640,13 +699,47 @@ def _plan(
         _logger.debug('plan candidate %s', cand)
         if best is None or cand['score'] < best['score']:
             best = cand
-    if lowrank_only['score'] < best['score']:
+    key, best_joint = 'score', None
+    if refine_iters:
+        key, best = 'refined_score', None
+        # fewest atoms first, until a candidate refines worse than the best so far (or `refine_candidates` are done)
+        for cand in candidates[:refine_candidates]:
+            joint = _joint_refine_groups(weights, bounds, kinds, common, cand['num_atoms'], cand['refine_rank'],
+                                         chol, refine_iters, refine_method)
+            cand['refined_score'] = sum(joint['objective'][k] / normalizer[k] for k in kinds) / num_kinds
+            _logger.info('plan: S=%s whitened energy left %.3g -> %.3g after joint refinement', cand['num_atoms'],
+                         cand['score'], cand['refined_score'])
+            if judge is not None:
+                key = 'judged'
+                cand[key] = float(judge(cand, joint))
+                _logger.info('plan: S=%s judged %.4g', cand['num_atoms'], cand[key])
+            if best is not None and cand[key] >= best[key]:
+                break
+            best, best_joint = cand, joint
+    if lowrank_only['score'] < best['refined_score' if refine_iters else 'score']:
         _logger.warning(
             'the blocks share little: whitened low rank alone (no atoms) would leave %.3g of the whitened output '
-            'energy, less than the best Matrix PCA + refinement (%.3g, S=%s); svd_from_dense gives that baseline',
-            lowrank_only['score'], best['score'], best['num_atoms'])
+            'energy, less than the best Matrix PCA + %s refinement (%.3g, S=%s); svd_from_dense gives that baseline',
+            lowrank_only['score'], 'joint' if refine_iters else 'low-rank',
+            best['refined_score' if refine_iters else 'score'], best['num_atoms'])
     return dict(num_atoms=best['num_atoms'], refine_rank=best['refine_rank'], candidates=candidates,
-                lowrank_only=lowrank_only)
+                lowrank_only=lowrank_only, joint=best_joint)
+
+
+def _load_joint(state: Dict[str, torch.Tensor], model: MasaVisionTransformer, joint: Mapping[str, Any],
+                kinds: Sequence[str]) -> None:
+    """Write jointly refined atoms, coefficients and low-rank factors into a converted state dict (in place)."""
+    for g, (d, fit) in enumerate(zip(model.dictionaries, joint['groups'])):
+        if tuple(d.kinds) != tuple(kinds) or d.coef_mode != 'direct':
+            raise ValueError(f'dictionary {g} serves {d.kinds} with coef={d.coef_mode!r}; joint refinement expects '
+                             f'{tuple(kinds)} with direct coefficients')
+        ref = state[f'dictionaries.{g}.atoms']
+        state[f'dictionaries.{g}.atoms'] = fit['atoms'].to(ref.dtype)
+        state[f'dictionaries.{g}.coef'] = fit['coef'].to(ref.dtype)
+    for (block, kind), (u, v) in joint['lowrank'].items():
+        key = f'{_layer_of(block, kind)}.lowrank.{kind}'
+        state[key + '_u'] = u.to(state[key + '_u'].dtype)
+        state[key + '_v'] = v.to(state[key + '_v'].dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -671,6 +764,10 @@ def from_dense(
         rank_step: int = 1,
         damping: float = 1e-2,
         stats: Optional[CalibrationStats] = None,
+        refine_iters: Optional[int] = None,
+        refine_method: str = 'lbfgs',
+        refine_candidates: Optional[int] = None,
+        select: Optional[str] = None,
 ) -> MasaVisionTransformer:
     """Convert a pretrained dense timm ViT into a MASA ViT without training.
 
@@ -697,6 +794,20 @@ def from_dense(
         damping: Cholesky damping (times the mean diagonal) when X^T X is singular.
         stats: Precomputed `collect_calibration(dense_model, calib)` statistics, instead of `calib` (to convert one
             model several times); the report then evaluates on `eval_data` only.
+        refine_iters: Iterations of joint refinement (atoms, coefficients and low-rank terms optimized together on
+            the whitened output objective, `matrix_pca.joint_refine`) after Matrix PCA + whitened low rank; with a
+            budget the plan then compares the atom counts on the refined models. Default: 300 with refinement terms
+            and calibration data, else 0. 0: atoms and coefficients stay the Matrix PCA ones (the paper's
+            construction). Needs refinement terms (`refine`).
+        refine_method: 'lbfgs' (L-BFGS on atoms and coefficients, the low rank kept optimal; `refine_iters` counts
+            L-BFGS iterations) or 'bcd' (block coordinate descent sweeps over low rank, coefficients and atoms).
+        refine_candidates: The plan refines atom counts S = 1, 2, ... (each a full joint refinement) until one is
+            worse than the best so far; this caps how many (None: no cap).
+        select: How the plan compares jointly refined atom counts: 'objective' (the summed relative whitened output
+            error of the layers, what the refinement minimizes) or 'calib_kl' (build each candidate and take the
+            mean KL(dense || converted) of the logits on the calibration images; needs `calib` and `refine_iters`).
+            The per-layer objective does not weigh how each layer's error reaches the logits. Default: 'calib_kl'
+            when `calib`, a budget and joint refinement are given, else 'objective'.
     """
     t0 = time.perf_counter()
     dense = _check_dense_vit(dense_model)
@@ -719,11 +830,30 @@ def from_dense(
     dense_state = {k: v.detach().cpu() for k, v in dense.state_dict().items()}
     weights = _dense_attention_weights(dense_state, dense)
 
+    if refine_iters is None:
+        refine_iters = 300 if refine and have_data else 0
+    if select is None:
+        select = 'calib_kl' if calib is not None and refine_iters and attn_compression is not None else 'objective'
+    if select == 'calib_kl' and calib is not None:
+        # the candidates' logits are compared with the dense ones image by image: fix the order (and any
+        # random augmentation) of the calibration images once
+        calib = [x if y is None else (x, y) for x, y in _iter_batches(calib, max_calib_batches)]
+        max_calib_batches = None
     if calib is not None:
         stats = collect_calibration(dense, calib, max_batches=max_calib_batches, block_logits=groups == 'auto')
     chol = stats.cholesky(damping) if stats is not None else None
     if refine and chol is None:
         _logger.warning('refine without calibration data: low-rank terms are the plain (unwhitened) truncated SVD')
+    if refine_iters < 0:
+        raise ValueError(f'refine_iters must be >= 0, got {refine_iters}')
+    if refine_method not in ('lbfgs', 'bcd'):
+        raise ValueError(f"refine_method must be 'lbfgs' or 'bcd', got {refine_method!r}")
+    if select not in ('objective', 'calib_kl'):
+        raise ValueError(f"select must be 'objective' or 'calib_kl', got {select!r}")
+    if select == 'calib_kl' and (calib is None or not refine_iters or attn_compression is None):
+        raise ValueError("select='calib_kl' needs calibration images (calib=...), refine_iters and attn_compression")
+    if refine_iters and not refine:
+        raise ValueError('refine_iters needs refinement terms: give calibration data and a budget or refine_rank')
 
     drift = None
     if isinstance(groups, str):
@@ -748,19 +878,37 @@ def from_dense(
     attn_dense = dense_counts['attention']
     fixed = attn_dense - len(kinds) * depth * dim * dim  # what stays per block: biases, unshared projections, norms
     budget = math.floor((1.0 - attn_compression) * attn_dense) if attn_compression is not None else None
+    def build(atoms_per_group, rank_per_role, joint):
+        ranks = {k: r for k, r in (rank_per_role or {}).items() if r} or None
+        masa_kwargs = dict(sharing='masa', num_atoms=atoms_per_group, share=''.join(kinds), dictionary=dictionary,
+                           groups=[a for a, _ in bounds], coef='direct', refine_rank=ranks)
+        model = _build_masa(vit_kwargs, masa_kwargs)
+        _check_same_architecture(dense, model)
+        state = convert_state_dict(dense_state, model, whitening=chol)
+        if joint is not None:
+            _load_joint(state, model, joint, kinds)
+        model.load_state_dict(state, strict=True)
+        return model.to(device=device, dtype=dtype), masa_kwargs, ranks
+
+    judge = None
+    if select == 'calib_kl':
+        def judge(cand, joint):
+            candidate = build(cand['num_atoms'], cand['refine_rank'], joint)[0]
+            logits, _ = predict_logits(candidate, calib)
+            return _compare_logits(stats.logits, logits, None)['mean_kl']
+
     plan = _plan(weights, bounds, kinds, dictionary == 'common', dim, fixed, budget, num_atoms, refine,
-                 refine_rank, chol, rank_step)
+                 refine_rank, chol, rank_step, refine_iters, refine_method, refine_candidates, judge)
     ranks = {k: r for k, r in (plan['refine_rank'] or {}).items() if r} or None
-    masa_kwargs = dict(sharing='masa', num_atoms=plan['num_atoms'], share=''.join(kinds), dictionary=dictionary,
-                       groups=[a for a, _ in bounds], coef='direct', refine_rank=ranks)
     t_plan = time.perf_counter()
 
-    model = _build_masa(vit_kwargs, masa_kwargs)
-    _check_same_architecture(dense, model)
-    state = convert_state_dict(dense_state, model, whitening=chol)
-    model.load_state_dict(state, strict=True)
+    joint = None
+    if refine_iters and ranks:
+        joint = plan.get('joint') or _joint_refine_groups(weights, bounds, kinds, dictionary == 'common',
+                                                          plan['num_atoms'], ranks, chol, refine_iters, refine_method)
+    model, masa_kwargs, ranks = build(plan['num_atoms'], ranks, joint)
     model.pretrained_cfg = copy.deepcopy(getattr(dense, 'pretrained_cfg', {}))
-    model = model.to(device=device, dtype=dtype).train(dense.training)
+    model = model.train(dense.training)
     t_convert = time.perf_counter()
 
     # the dense count comes from the dense model itself: count_params(model)['attention_dense'] also counts the
@@ -769,8 +917,10 @@ def from_dense(
     if budget is not None and counts['attention'] > budget:
         raise AssertionError(f'conversion exceeded its budget: {counts["attention"]} > {budget}')
     report = dict(
-        method='matrix_pca' + ('+refine' if ranks else ''),
-        config=dict(masa_kwargs, groups=[a for a, _ in bounds], share=''.join(kinds)),
+        method='matrix_pca' + ('+joint_refine' if joint else '+refine' if ranks else ''),
+        config=dict(masa_kwargs, groups=[a for a, _ in bounds], share=''.join(kinds),
+                    refine_iters=refine_iters if joint else None, refine_method=refine_method if joint else None,
+                    select=select if joint else None),
         target_attn_compression=attn_compression,
         params=dict(
             total_dense=dense_counts['total'], total=counts['total'], attention_dense=attn_dense,
@@ -782,6 +932,7 @@ def from_dense(
         kl_drift=[float(x) for x in drift] if drift is not None else None,
         plan_candidates=plan['candidates'],
         plan_lowrank_only=plan.get('lowrank_only'),
+        joint_refine=dict(iters=refine_iters, method=refine_method, history=joint['history']) if joint else None,
         atom_energy=_atom_energy(weights, bounds, kinds, plan['num_atoms']),
         layers=_layer_errors(dense_state, model, weights, chol),
         seconds=dict(plan=t_plan - t0, convert=t_convert - t_plan),
@@ -948,8 +1099,15 @@ def report_to_markdown(report: Mapping[str, Any]) -> str:
     if cands:
         ref = report.get('plan_lowrank_only')
         lines += ['Budget plan (mean relative whitened output energy left, lower is better): '
-                  + ', '.join(f"S={c['num_atoms']} {c['score']:.3g}" for c in cands)
+                  + ', '.join(f"S={c['num_atoms']} {c['score']:.3g}"
+                              + (f" (jointly refined {c['refined_score']:.3g})" if 'refined_score' in c else '')
+                              for c in cands)
                   + (f"; no atoms, low rank only {ref['score']:.3g}" if ref else ''), '']
+    jr = report.get('joint_refine')
+    if jr:
+        lines += [f"Joint refinement ({jr.get('method', 'bcd')}, {jr['iters']} iterations), whitened objective start -> end: "
+                  + ', '.join(f"g{h['group']} {h['proj']} {h['objective'][0]:.3g} -> {h['objective'][-1]:.3g}"
+                              for h in jr['history']), '']
     if report.get('kl_drift'):
         lines += ['KL drift between consecutive blocks: ' + ', '.join(f'{x:.3g}' for x in report['kl_drift']), '']
     rows = report.get('layers') or []

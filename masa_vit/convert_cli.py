@@ -50,6 +50,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--refine', action=argparse.BooleanOptionalAction, default=None,
                    help='whitened low-rank refinement (default: on when calibration images are given)')
     p.add_argument('--refine-rank', type=int, default=None, help='refinement rank with --atoms (else: from budget)')
+    p.add_argument('--refine-iters', type=int, default=None,
+                   help='joint refinement iterations of atoms, coefficients and low rank (default: 300 with '
+                        'calibration images; 0: Matrix PCA atoms as they are)')
+    p.add_argument('--refine-method', default='lbfgs', choices=('lbfgs', 'bcd'),
+                   help='joint refinement optimizer: L-BFGS or block coordinate descent sweeps')
+    p.add_argument('--select', default=None, choices=('objective', 'calib_kl'),
+                   help='compare atom counts by the whitened objective or by KL on the calibration images '
+                        '(default: calib_kl with calibration images and a budget)')
     p.add_argument('--calib-dir', help='calibration image folder (any layout; images are found recursively)')
     p.add_argument('--calib-images', type=int, default=256, help='calibration images to use')
     p.add_argument('--eval-dir', help='held-out image folder with one sub-folder per class, in the model class order')
@@ -140,7 +148,8 @@ def run(args: argparse.Namespace) -> dict:
     model = from_dense(
         dense, attn_compression=args.attn_compression, num_atoms=num_atoms, groups=groups, calib=calib,
         refine=args.refine, refine_rank=args.refine_rank, share=args.share, dictionary=args.dictionary,
-        auto_groups=args.auto_groups, eval_data=eval_data)
+        auto_groups=args.auto_groups, eval_data=eval_data, refine_iters=args.refine_iters,
+        refine_method=args.refine_method, select=args.select)
     report = dict(model.conversion_report, source=dict(
         model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, model_kwargs=args.model_kwargs))
     save_converted(model, args.output, source_model=args.model, source_kwargs=args.model_kwargs)

@@ -11,6 +11,8 @@ Pure math on tensors, no model code. Implements the training-free path of
   autocorrelation X^T X and approximated at low rank (the SVD-LLM construction,
   https://arxiv.org/abs/2403.07378); plain and whitened truncated SVD of a full weight are the baselines.
 * Adaptive rank allocation across projection roles (Q/K/V/O) under a parameter budget.
+* Joint refinement: block coordinate descent on atoms, coefficients and low-rank terms together, on the
+  whitened (output) objective, starting from Matrix PCA + whitened low rank.
 
 Notation: a layer computes y = x W^T with W of shape (out, in) and x of shape (tokens, in), so the
 output error of an approximation W^ on calibration tokens X is ||(W - W^) X^T||_F and
@@ -18,7 +20,7 @@ output error of an approximation W^ on calibration tokens X is ||(W - W^) X^T||_
 """
 import logging
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -26,10 +28,11 @@ __all__ = [
     'matrix_pca', 'matrix_pca_common', 'matrix_pca_spectrum',
     'layer_kl_drift', 'kl_group_starts',
     'input_autocorrelation', 'cholesky_factor', 'whitened_lowrank', 'truncated_svd', 'whitened_svd',
-    'whitened_residual_spectrum', 'allocate_ranks',
+    'whitened_residual_spectrum', 'allocate_ranks', 'joint_refine',
 ]
 
 _logger = logging.getLogger(__name__)
+BETA_CAP = 1.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,3 +387,214 @@ def allocate_ranks(
         ranks[best] += n
         used += n * cost_per_rank[best]
     return ranks
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Joint data-aware refinement (block coordinate descent)
+# ---------------------------------------------------------------------------------------------------
+
+def _whitened_objective(weights, atoms, coef, lowrank, chols) -> torch.Tensor:
+    """Per item ||(W_n - sum_s c_ns D_s - U_n V_n) R_n||_F^2, (N,) float64."""
+    err = weights - torch.einsum('ns,soi->noi', coef, atoms) - lowrank
+    return torch.stack([(e @ r).square().sum() for e, r in zip(err, chols)])
+
+
+def joint_refine(
+        weights: torch.Tensor,
+        atoms: torch.Tensor,
+        coef: torch.Tensor,
+        chols: Union[torch.Tensor, Sequence[torch.Tensor]],
+        ranks: Sequence[int],
+        iters: int,
+        damping: float = 1e-10,
+        tol: float = 0.0,
+        check_tol: float = 1e-8,
+        extrapolate: bool = True,
+        method: str = 'bcd',
+        lbfgs_chunk: int = 10,
+) -> Dict[str, Any]:
+    """Data-aware joint refinement of shared atoms, coefficients and per-item low-rank terms.
+
+    Minimizes J = sum_n ||(W_n - sum_s c_ns D_s - U_n V_n) R_n||_F^2 (R_n R_n^T = Sigma_n, the input
+    autocorrelation of item n, so each term is the output error of layer n on the calibration tokens) by block
+    coordinate descent, each step an exact minimization over one block of variables given the others:
+
+    (a) U_n V_n: whitened truncated SVD of W_n - sum_s c_ns D_s at rank r_n (``whitened_lowrank``);
+    (b) c_n: the S x S least-squares problem A c_n = b, A_st = tr(D_s Sigma_n D_t^T), b_s = tr(D_s Sigma_n E_n^T),
+        E_n = W_n - U_n V_n (minimum-norm solution through a pseudo-inverse);
+    (c) D_s, one atom at a time: D_s H = B with H = sum_n c_ns^2 Sigma_n and
+        B = sum_n c_ns (E_n - sum_{t != s} c_nt D_t) Sigma_n (Cholesky solve of the (in, in) matrix H; when H is
+        numerically singular ``damping * mean(diag H)`` is added, ten times more on each failure, and a damped
+        update that would raise J is not taken).
+
+    method='lbfgs' instead minimizes f(D, C) = min_{U, V} J (the low rank always optimal, step (a)) with L-BFGS
+    (strong Wolfe line search): by the envelope theorem the gradient of f is that of J with U V held fixed, so
+    each evaluation is step (a) plus one backward pass. It converges far faster than the sweeps (on the digits
+    ViT's weights BCD was still descending after 300 sweeps where L-BFGS had levelled off at a 20-40% lower J).
+    ``iters`` then counts L-BFGS iterations, run in chunks of ``lbfgs_chunk``; J is recorded after each chunk, the
+    run stops when a chunk does not lower it, and the best point is kept, so J never increases here either.
+
+    The start is the given atoms and coefficients (Matrix PCA) with step (a), i.e. Matrix PCA + whitened low
+    rank; one sweep is (b), (c), (a), so J never increases (checked after every step to ``check_tol`` times the
+    starting J; a larger increase raises). The atoms come out rescaled to unit Frobenius norm (J unchanged) but
+    are in general not orthonormal any more. Items are the layers that share the atoms: the L blocks of one
+    projection kind, or P * L for a dictionary common to P kinds.
+
+    Args:
+        weights: (N, out, in) dense weights.
+        atoms: (S, out, in) starting atoms.
+        coef: (N, S) starting coefficients.
+        chols: N lower Cholesky factors (in, in) of the items' input autocorrelations.
+        ranks: N low-rank ranks (0: no low-rank term for that item).
+        iters: sweeps, or L-BFGS iterations (0: only the start, Matrix PCA + whitened low rank).
+        damping: relative damping of the atom step's H when its Cholesky fails.
+        tol: stop early when a sweep lowers J by less than tol * J.
+        check_tol: allowed relative increase of J in one step (round-off) before raising.
+        extrapolate: after each sweep also try the extrapolated point (D, C) + beta ((D, C) - previous (D, C)) with
+            its optimal low rank (step (a)), taken only when it lowers J (so J still never increases); beta adapts
+            (grows by 1.05 after a success, shrinks by 1.5 after a failure; Ang & Gillis 2019, "Accelerating
+            nonnegative matrix factorization algorithms using extrapolation"). Plain BCD converges slowly here
+            because atoms and low-rank terms compete for the same directions.
+        method: 'bcd' (the sweeps above) or 'lbfgs'.
+        lbfgs_chunk: L-BFGS iterations between two records of J.
+
+    Returns:
+        dict with atoms (S, out, in), coef (N, S), u / v (lists of N (out, r_n), (r_n, in); None where r_n = 0),
+        objective (N,) final per-item J, history (list of J after the start and after each sweep), all float64,
+        and extrapolated (how many extrapolations were taken).
+    """
+    w = weights.detach().to(torch.float64)
+    d = atoms.detach().to(torch.float64).clone()
+    c = coef.detach().to(torch.float64).clone()
+    chols = [r.detach().to(torch.float64) for r in chols]
+    n_items, num_atoms = c.shape
+    if w.ndim != 3 or d.shape[1:] != w.shape[1:] or c.shape[0] != w.shape[0] or d.shape[0] != num_atoms:
+        raise ValueError(f'joint_refine: shapes do not fit: weights {tuple(w.shape)}, atoms {tuple(d.shape)}, '
+                         f'coef {tuple(c.shape)}')
+    if len(chols) != n_items or len(ranks) != n_items:
+        raise ValueError(f'joint_refine needs one Cholesky factor and one rank per item ({n_items}), '
+                         f'got {len(chols)} and {len(ranks)}')
+    sig = torch.stack([r @ r.T for r in chols])  # (N, in, in)
+    eye = torch.eye(w.shape[2], dtype=torch.float64)
+    us: List[Optional[torch.Tensor]] = [None] * n_items
+    vs: List[Optional[torch.Tensor]] = [None] * n_items
+    lowrank = torch.zeros_like(w)
+
+    def step_lowrank():
+        target = w - torch.einsum('ns,soi->noi', c, d)
+        for n, r in enumerate(ranks):
+            if r:
+                us[n], vs[n] = whitened_lowrank(target[n], None, int(r), chol=chols[n])
+                lowrank[n] = us[n] @ vs[n]
+
+    def step_coef():
+        e = w - lowrank
+        for n in range(n_items):
+            ds = torch.einsum('soi,ij->soj', d, sig[n])  # D_s Sigma_n
+            a = torch.einsum('soj,toj->st', ds, d)
+            b = torch.einsum('soj,oj->s', ds, e[n])
+            c[n] = torch.linalg.pinv(0.5 * (a + a.T), hermitian=True, rtol=1e-13) @ b
+
+    def step_atoms():
+        es = torch.einsum('noi,nij->noj', w - lowrank, sig)  # E_n Sigma_n
+        for s in range(num_atoms):
+            h = torch.einsum('n,nij->ij', c[:, s].square(), sig)
+            if not bool(h.abs().sum() > 0):
+                continue  # no item uses this atom
+            bmat = torch.einsum('n,noj->oj', c[:, s], es)
+            for t in range(num_atoms):
+                if t != s:
+                    bmat = bmat - d[t] @ torch.einsum('n,nij->ij', c[:, s] * c[:, t], sig)
+            h = 0.5 * (h + h.T)
+            factor, info = torch.linalg.cholesky_ex(h)
+            tries, damped = 0, False
+            while int(info) != 0:
+                if tries >= 8:
+                    raise RuntimeError('joint_refine: the atom step matrix is singular even after damping')
+                factor, info = torch.linalg.cholesky_ex(h + damping * 10 ** tries * float(h.diagonal().mean()) * eye)
+                tries, damped = tries + 1, True
+            new = torch.cholesky_solve(bmat.T, factor).T  # D H = B  <=>  H D^T = B^T
+            if damped:
+                # J(D) = const - 2 <D, B> + <D H, D>; keep the old atom if the damped solve does not improve it
+                delta = (-2 * ((new - d[s]) * bmat).sum() + ((new @ h) * new).sum() - ((d[s] @ h) * d[s]).sum())
+                if float(delta) > 0:
+                    continue
+            d[s] = new
+
+    if method not in ('bcd', 'lbfgs'):
+        raise ValueError(f"method must be 'bcd' or 'lbfgs', got {method!r}")
+    step_lowrank()
+    history = [float(_whitened_objective(w, d, c, lowrank, chols).sum())]
+    start = history[0]
+    beta, beta_max, accepted = 0.5, 1.0, 0
+    if method == 'lbfgs':
+        d_var, c_var = d.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([d_var, c_var], lr=1, max_iter=lbfgs_chunk, history_size=20,
+                                line_search_fn='strong_wolfe', tolerance_grad=0., tolerance_change=0.)
+
+        def closure():
+            opt.zero_grad()
+            with torch.no_grad():
+                d.copy_(d_var)
+                c.copy_(c_var)
+                step_lowrank()  # optimal U V for this (D, C); held fixed, so backward gives the envelope gradient
+            err = w - torch.einsum('ns,soi->noi', c_var, d_var) - lowrank
+            obj = sum((e @ r).square().sum() for e, r in zip(err, chols))
+            obj.backward()
+            return obj
+
+        best = (history[0], d.clone(), c.clone())
+        done = 0
+        while done < iters:
+            opt.param_groups[0]['max_iter'] = min(lbfgs_chunk, iters - done)
+            opt.step(closure)
+            done += lbfgs_chunk
+            with torch.no_grad():
+                d.copy_(d_var)
+                c.copy_(c_var)
+                step_lowrank()
+            cur = float(_whitened_objective(w, d, c, lowrank, chols).sum())
+            if not cur < best[0]:
+                break
+            best = (cur, d.clone(), c.clone())
+            history.append(cur)
+            if tol > 0 and history[-2] - history[-1] < tol * history[-2]:
+                break
+        d, c = best[1], best[2]
+        step_lowrank()
+        if float(_whitened_objective(w, d, c, lowrank, chols).sum()) > history[0] + check_tol * max(start, 1e-300):
+            raise RuntimeError('joint_refine: L-BFGS ended above its start')
+        iters = 0  # no sweeps
+    for it in range(iters):
+        prev = history[-1]
+        d_old, c_old = d.clone(), c.clone()
+        for name, step in (('coefficients', step_coef), ('atoms', step_atoms), ('low rank', step_lowrank)):
+            step()
+            cur = float(_whitened_objective(w, d, c, lowrank, chols).sum())
+            if cur > prev + check_tol * max(start, torch.finfo(torch.float64).tiny):
+                raise RuntimeError(f'joint_refine: the {name} step of sweep {it} raised the objective from {prev:.6g} '
+                                   f'to {cur:.6g}')
+            prev = cur
+        if extrapolate and it > 0:
+            saved = (d.clone(), c.clone(), lowrank.clone(), list(us), list(vs))
+            d.add_(beta * (d - d_old))
+            c.add_(beta * (c - c_old))
+            step_lowrank()
+            cur = float(_whitened_objective(w, d, c, lowrank, chols).sum())
+            if cur < prev:
+                prev, accepted = cur, accepted + 1
+                beta, beta_max = min(beta_max, 1.05 * beta), min(BETA_CAP, 1.01 * beta_max)
+            else:
+                d, c, lowrank, us[:], vs[:] = saved[0], saved[1], saved[2], saved[3], saved[4]
+                beta_max, beta = beta, beta / 1.5
+        history.append(prev)
+        if tol > 0 and history[-2] - history[-1] < tol * history[-2]:
+            break
+    # unit-norm atoms (friendlier to fine-tuning; the composed weights and J are unchanged)
+    norms = d.flatten(1).norm(dim=1)
+    scale = torch.where(norms > 0, norms, torch.ones_like(norms))
+    d = d / scale[:, None, None]
+    c = c * scale[None]
+    return dict(atoms=d, coef=c, u=us, v=vs, objective=_whitened_objective(w, d, c, lowrank, chols), history=history,
+                extrapolated=accepted)

@@ -92,7 +92,7 @@ def test_matrix_pca_matches_pure_math(dense):
 
 @pytest.mark.parametrize('compression', [0.2, 0.5])
 def test_budget_respected_and_report(dense, calib, compression):
-    model = from_dense(dense, attn_compression=compression, calib=calib)
+    model = from_dense(dense, attn_compression=compression, calib=calib, refine_iters=0)
     rep = model.conversion_report
     counts = count_params(model)
     attn_dense = count_params(dense)['attention']
@@ -140,7 +140,7 @@ def test_refinement_lowers_whitened_error_at_same_budget(dense, calib):
     stats = collect_calibration(dense, calib, block_logits=False)
     budget = math.floor(0.7 * count_params(dense)['attention'])
     plain = from_dense(dense, attn_compression=0.3, refine=False)
-    refined = from_dense(dense, attn_compression=0.3, calib=calib, refine=True)
+    refined = from_dense(dense, attn_compression=0.3, calib=calib, refine=True, refine_iters=0)
     assert count_params(refined)['attention'] <= budget and count_params(plain)['attention'] <= budget
     cands = refined.conversion_report['plan_candidates']
     chosen = min(cands, key=lambda c: c['score'])
@@ -156,7 +156,7 @@ def test_beats_whitened_svd_when_blocks_share_structure(dense, calib):
     stats = collect_calibration(dense, calib, block_logits=False)
     x = torch.cat([b[0] for b in calib])
     ref = dense(x)
-    masa = from_dense(dense, attn_compression=0.3, calib=calib)
+    masa = from_dense(dense, attn_compression=0.3, calib=calib, refine_iters=0)
     svd = svd_from_dense(dense, 0.3, stats=stats)
     assert masa.conversion_report['params']['attention'] <= math.floor(0.7 * count_params(dense)['attention'])
     assert svd.conversion_report['params']['attention'] <= math.floor(0.7 * count_params(dense)['attention'])
@@ -171,10 +171,57 @@ def test_refinement_reduces_logit_error_at_fixed_atoms(dense, calib):
     x = torch.cat([b[0] for b in calib])
     ref = dense(x)
     base = from_dense(dense, num_atoms=2)
-    refined = from_dense(dense, num_atoms=2, calib=calib, refine_rank=8)
+    refined = from_dense(dense, num_atoms=2, calib=calib, refine_rank=8, refine_iters=0)
     assert refined.masa_kwargs['refine_rank'] == dict(q=8, k=8, v=8, o=8)
     err = [((m(x) - ref).norm() / ref.norm()).item() for m in (base, refined)]
     assert err[1] < 0.8 * err[0]
+
+
+def test_joint_refinement_lowers_whitened_error_and_keeps_model_consistent(dense, calib):
+    """Joint refinement at fixed atoms and ranks: lower whitened objective than Matrix PCA + low rank, the report's
+    refined score is the model's, forward == to_dense forward, and the budget holds."""
+    stats = collect_calibration(dense, calib, block_logits=False)
+    budget = math.floor(0.7 * count_params(dense)['attention'])
+    plain = from_dense(dense, attn_compression=0.3, num_atoms=2, stats=stats, refine=True, refine_iters=0)
+    joint = from_dense(dense, attn_compression=0.3, num_atoms=2, stats=stats, refine=True, refine_iters=15)
+    rep = joint.conversion_report
+    assert rep['method'] == 'matrix_pca+joint_refine' and rep['config']['refine_iters'] == 15
+    assert joint.masa_kwargs['refine_rank'] == plain.masa_kwargs['refine_rank']
+    assert count_params(joint)['attention'] == count_params(plain)['attention'] <= budget
+    assert rep['params']['attention'] == count_params(joint)['attention']
+    obj_plain, obj_joint = (_whitened_objective(m, dense, stats) for m in (plain, joint))
+    assert obj_joint < 0.9 * obj_plain
+    cand = rep['plan_candidates'][0]
+    assert cand['refined_score'] == pytest.approx(obj_joint / 4, rel=1e-4)
+    assert cand['score'] == pytest.approx(obj_plain / 4, rel=1e-3)
+    for h in rep['joint_refine']['history']:
+        assert all(b <= a * (1 + 1e-9) for a, b in zip(h['objective'], h['objective'][1:]))
+    # atoms are no longer orthonormal; the model composes them as stored
+    flat = joint.dictionaries[0].atoms[0].detach().double().flatten(1)
+    assert not torch.allclose(flat @ flat.T, torch.eye(2, dtype=torch.float64), atol=1e-3)
+    x = _images(4)
+    assert torch.allclose(joint.eval()(x), to_dense(joint).eval()(x), atol=1e-5)
+    # the data-free path (no calibration) is unchanged: no joint refinement
+    assert from_dense(dense, num_atoms=2).conversion_report['method'] == 'matrix_pca'
+
+
+def test_joint_refinement_plan_selects_by_calibration_kl(dense, calib):
+    model = from_dense(dense, attn_compression=0.3, calib=calib, refine_iters=5)  # default select: calib_kl
+    rep = model.conversion_report
+    assert rep['config']['select'] == 'calib_kl'
+    judged = [c for c in rep['plan_candidates'] if 'judged' in c]
+    assert judged and all('refined_score' in c for c in judged)
+    best = min(judged, key=lambda c: c['judged'])
+    assert model.masa_kwargs['num_atoms'] == best['num_atoms'][0]
+    # the judged KL is the converted model's KL on the calibration images
+    assert best['judged'] == pytest.approx(evaluate_agreement(dense, model, calib)['mean_kl'], rel=1e-3, abs=1e-9)
+    assert count_params(model)['attention'] <= math.floor(0.7 * count_params(dense)['attention'])
+    with pytest.raises(ValueError, match='refine_iters needs'):
+        from_dense(dense, num_atoms=2, refine_iters=3)
+    with pytest.raises(ValueError, match='calib_kl'):
+        from_dense(dense, attn_compression=0.3, stats=collect_calibration(dense, calib), select='calib_kl')
+    with pytest.raises(ValueError, match='refine_method'):
+        from_dense(dense, attn_compression=0.3, calib=calib, refine_method='adam')
 
 
 def test_whitened_refinement_beats_plain_svd_refinement_on_layer_outputs(dense, calib):
@@ -203,7 +250,7 @@ def test_auto_groups_follow_kl_drift(dense, calib):
     assert torch.allclose(stats.block_logits[-1], stats.logits, atol=1e-5)
     assert stats.block_logits.shape == (6, 64, 5)
     expected = kl_group_starts(layer_kl_drift(stats.block_logits), 6, num_groups=2, min_group_size=2)
-    model = from_dense(dense, attn_compression=0.2, calib=calib, groups='auto')
+    model = from_dense(dense, attn_compression=0.2, calib=calib, groups='auto', refine_iters=0)
     assert model.masa_kwargs['groups'] == expected
     assert len(model.dictionaries) == 2
     assert len(model.conversion_report['kl_drift']) == 5
@@ -273,7 +320,9 @@ def test_convert_state_dict_is_pure_and_fills_low_rank_baseline(dense):
 
 
 def test_save_and_load_converted(tmp_path, dense, calib):
-    model = from_dense(dense, attn_compression=0.3, calib=calib, groups=[0, 2])
+    # jointly refined: atoms that are no longer orthonormal save and load the same way
+    model = from_dense(dense, attn_compression=0.3, calib=calib, groups=[0, 2], refine_iters=5, select='objective')
+    assert model.conversion_report['method'] == 'matrix_pca+joint_refine'
     path = str(tmp_path / 'm.safetensors')
     save_converted(model, path, note='test')
     back = load_converted(path)
@@ -345,7 +394,7 @@ def test_cli_converts_and_reports(cli_files):
     out = root / 'out.safetensors'
     rc = main(['vit_tiny_patch16_224', '--checkpoint', str(root / 'dense.safetensors'), '--model-kwargs', *CLI_KW,
                '--attn-compression', '0.3', '--calib-dir', str(root / 'calib'), '--eval-dir', str(root / 'eval'),
-               '--groups', 'auto', '--workers', '0', '--output', str(out)])
+               '--groups', 'auto', '--workers', '0', '--refine-iters', '3', '--output', str(out)])
     assert rc == 0
     report = json.loads((root / 'out.json').read_text())
     assert (root / 'out.md').read_text().startswith('# MASA conversion report')
@@ -355,6 +404,7 @@ def test_cli_converts_and_reports(cli_files):
     assert report['eval']['data'] == 'held-out' and report['eval']['num_images'] == 10
     assert 0 <= report['eval']['top1'] <= 1
     assert len(report['config']['groups']) == 2
+    assert report['method'] == 'matrix_pca+joint_refine' and report['config']['refine_iters'] == 3
     model = load_converted(str(out))
     assert count_params(model)['attention'] == report['params']['attention']
     # the saved model is the dense model's conversion: same head, and the per-layer errors of the report

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from masa_vit.matrix_pca import (
-    allocate_ranks, cholesky_factor, input_autocorrelation, kl_group_starts, layer_kl_drift, matrix_pca,
+    allocate_ranks, cholesky_factor, input_autocorrelation, joint_refine, kl_group_starts, layer_kl_drift, matrix_pca,
     matrix_pca_common, matrix_pca_spectrum, truncated_svd, whitened_lowrank, whitened_residual_spectrum,
     whitened_svd,
 )
@@ -214,3 +214,58 @@ def test_allocate_ranks_prefers_larger_energy_and_respects_budget():
     ranks3 = allocate_ranks(spectra, budget=20 * 96, cost_per_rank=cost, step=4, max_rank={'q': 8})
     assert ranks3['q'] == 8 and all(r % 4 == 0 for r in ranks3.values())
     assert sum(ranks3[r] * cost[r] for r in ranks3) <= 20 * 96
+
+
+def _joint_problem(num_layers=6, out=12, inp=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = _correlated_stack(num_layers, out, inp, noise=0.5, seed=seed)
+    chols = []
+    for _ in range(num_layers):
+        x = torch.randn(80, inp, generator=g, dtype=torch.float64) @ torch.randn(inp, inp, generator=g, dtype=torch.float64)
+        chols.append(cholesky_factor(input_autocorrelation(x)))
+    return w, chols
+
+
+@pytest.mark.parametrize('method, extrapolate', [('bcd', False), ('bcd', True), ('lbfgs', True)])
+def test_joint_refine_never_increases_and_beats_plain_refinement(method, extrapolate):
+    w, chols = _joint_problem()
+    atoms, coef = matrix_pca(w, 2)
+    ranks = [2, 2, 3, 0, 2, 2]
+    out = joint_refine(w, atoms, coef, chols, ranks, 12, method=method, extrapolate=extrapolate)
+    hist = out['history']
+    # the start is Matrix PCA + whitened low rank (plain refinement)
+    start = 0.0
+    for l in range(6):
+        resid = w[l] - torch.einsum('s,soi->oi', coef[l], atoms)
+        if ranks[l]:
+            resid = resid - torch.mm(*whitened_lowrank(resid, None, ranks[l], chol=chols[l]))
+        start += float((resid @ chols[l]).square().sum())
+    assert hist[0] == pytest.approx(start, rel=1e-10)
+    assert len(hist) > 1
+    assert all(b <= a + 1e-9 * hist[0] for a, b in zip(hist, hist[1:]))
+    assert hist[-1] < 0.95 * hist[0]
+    # the returned factors give the reported objective; unit-norm atoms, no low rank where the rank is 0
+    rec = torch.einsum('ns,soi->noi', out['coef'], out['atoms'])
+    total = 0.0
+    for l in range(6):
+        e = w[l] - rec[l] - (out['u'][l] @ out['v'][l] if ranks[l] else 0)
+        total += float((e @ chols[l]).square().sum())
+        assert (out['u'][l] is None) == (ranks[l] == 0)
+        if ranks[l]:
+            assert out['u'][l].shape == (12, ranks[l]) and out['v'][l].shape == (ranks[l], 10)
+    assert total == pytest.approx(hist[-1], rel=1e-8)
+    assert float(out['objective'].sum()) == pytest.approx(total, rel=1e-8)
+    assert torch.allclose(out['atoms'].flatten(1).norm(dim=1), torch.ones(2, dtype=torch.float64))
+
+
+def test_joint_refine_zero_iters_is_plain_refinement_and_bad_input():
+    w, chols = _joint_problem()
+    atoms, coef = matrix_pca(w, 3)
+    out = joint_refine(w, atoms, coef, chols, [2] * 6, 0)
+    assert len(out['history']) == 1
+    rec = torch.einsum('ns,soi->noi', out['coef'], out['atoms'])
+    assert torch.allclose(rec, torch.einsum('ns,soi->noi', coef, atoms), atol=1e-10)
+    with pytest.raises(ValueError, match='one Cholesky factor'):
+        joint_refine(w, atoms, coef, chols[:3], [2] * 6, 1)
+    with pytest.raises(ValueError, match='method'):
+        joint_refine(w, atoms, coef, chols, [2] * 6, 1, method='adam')
