@@ -9,14 +9,22 @@ then converts it at several attention compression ratios with:
     * Matrix PCA         the paper's closed-form shared atoms (data-free), one group
     * Matrix PCA + refine  plus per-block whitened low-rank residual terms, ranks allocated across Q/K/V/O
     * (+ auto groups)    the same with KL-drift grouping into 2 groups
+    * + joint refine     atoms, coefficients and low rank optimized together on the whitened output objective
+                         (L-BFGS, or block coordinate descent sweeps), atom count chosen by the objective or by KL on
+                         the calibration images
 
 and reports top-1, agreement with the dense model, mean KL(dense || converted) on held-out images, and attention
 parameters. Prints a markdown table and writes JSON.
 
     python benchmarks/bench_conversion.py                      # digits ViT (trained, then cached in --out)
     python benchmarks/bench_conversion.py --model vit_small_patch16_224 --checkpoint vit_s.pth --data-dir imagenet/
+    python benchmarks/bench_conversion.py --bert-energy model.safetensors    # atom energy of a BERT's attention only
+
+For the digits ViT it also rebuilds the random init (same seed) and reports how far training moved the attention
+weights from it, and how much the blocks share in the weights, the init and the update.
 """
 import argparse
+import copy
 import json
 import logging
 import math
@@ -34,7 +42,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 from masa_vit.conversion import (  # noqa: E402
     collect_calibration, evaluate_agreement, from_dense, lowrank_rank_for_budget, predict_logits, svd_from_dense,
 )
-from masa_vit.matrix_pca import matrix_pca_spectrum  # noqa: E402
+from masa_vit.masa_vision_transformer import count_params  # noqa: E402
+from masa_vit.matrix_pca import matrix_pca_spectrum, whitened_lowrank  # noqa: E402
 
 _logger = logging.getLogger('bench_conversion')
 
@@ -57,6 +66,11 @@ def parse_args(argv=None):
     g.add_argument('--data-dir', default=None, help='image folder with train/ and val/ class folders')
     g.add_argument('--batch-size', type=int, default=64)
     g.add_argument('--eval-images', type=int, default=None, help='cap on held-out images')
+    p.add_argument('--refine-iters', type=int, default=300, help='joint refinement iterations (L-BFGS rows)')
+    p.add_argument('--bcd-sweeps', type=int, default=100, help='joint refinement sweeps (BCD row; 0: no BCD row)')
+    p.add_argument('--no-old-rows', action='store_true', help='only the SVD baselines and the joint refinement rows')
+    p.add_argument('--bert-energy', default=None, metavar='FILE',
+                   help='only print the Matrix PCA atom energy of the attention weights of a BERT safetensors file')
     return p.parse_args(argv)
 
 
@@ -154,6 +168,95 @@ def load_user_setup(args):
         model=args.model, source=args.checkpoint, eval_images=None)
 
 
+@torch.no_grad()
+def whitened_svd_per_role(dense: VisionTransformer, stats, ranks, attention_dense: int):
+    """SVD-LLM with one rank per role (Q/K/V/O) instead of one for all: each projection replaced by its whitened
+    rank-r_role factorization, evaluated as a dense model holding the products U V (the model class's
+    sharing='low_rank' takes one rank for all roles). Parameters counted as the factors would be stored."""
+    model = copy.deepcopy(dense).eval()
+    chol = stats.cholesky()
+    d, depth = dense.embed_dim, len(dense.blocks)
+    for i, blk in enumerate(model.blocks):
+        for lname, kinds in (('qkv', 'qkv'), ('proj', 'o')):
+            lin = getattr(blk.attn, lname)
+            w = lin.weight.detach().double().clone()
+            for j, k in enumerate(kinds):
+                rows = slice(j * d, (j + 1) * d)
+                r = ranks.get(k, 0)
+                c = chol[f'blocks.{i}.attn.{lname}']
+                w[rows] = torch.mm(*whitened_lowrank(w[rows], None, r, chol=c)) if r else 0
+            lin.weight.copy_(w.to(lin.weight.dtype))
+    attention = attention_dense - 4 * depth * d * d + sum(ranks.get(k, 0) * depth * 2 * d for k in 'qkvo')
+    model.conversion_report = dict(rank=dict(ranks), params=dict(
+        attention=attention, attention_dense=attention_dense, attention_compression=1 - attention / attention_dense))
+    return model
+
+
+def _energy_rows(stacks, atom_counts):
+    rows = []
+    for name, stack in stacks:
+        eig = matrix_pca_spectrum(stack)
+        frac = (eig.cumsum(0) / eig.sum()).tolist()
+        rows.append(f'| {name} | ' + ' | '.join(f'{100 * frac[s - 1]:.1f}' for s in atom_counts) + ' |')
+    return rows
+
+
+def bert_energy(path: str) -> str:
+    """Matrix PCA atom energy of the Q/K/V/O weights of a BERT-style safetensors file (all its layers, one group)."""
+    from safetensors.torch import load_file
+    sd = load_file(path)
+    prefix = next(k[:-len('encoder.layer.0.attention.self.query.weight')] for k in sd
+                  if k.endswith('encoder.layer.0.attention.self.query.weight'))
+    depth = 1 + max(int(k[len(prefix):].split('.')[2]) for k in sd if k.startswith(prefix + 'encoder.layer.'))
+    parts = (('q', 'attention.self.query'), ('k', 'attention.self.key'), ('v', 'attention.self.value'),
+             ('o', 'attention.output.dense'))
+    counts = (1, depth // 3, depth // 2)
+    shape = tuple(sd[f'{prefix}encoder.layer.0.attention.self.query.weight'].shape)
+    rows = _energy_rows([(k, torch.stack([sd[f'{prefix}encoder.layer.{i}.{n}.weight'] for i in range(depth)]))
+                         for k, n in parts], counts)
+    return '\n'.join([
+        f'{path}: {depth} layers, attention weights {shape}. Energy captured by S Matrix PCA atoms (%, one group; '
+        f'blocks that share nothing give 100 S / {depth}):', '',
+        '| proj | ' + ' | '.join(f'S={s}' for s in counts) + ' |', '|---|' + '---:|' * len(counts)] + rows
+        + ['| (no sharing) | ' + ' | '.join(f'{100 * s / depth:.1f}' for s in counts) + ' |'])
+
+
+def digits_init_distance(dense: VisionTransformer, seed: int) -> str:
+    """How far training moved the digits ViT's attention weights from their random init, rebuilt from the seed as
+    `train_digits_vit` draws it, and how much the blocks share in the trained weights W, the init W0 and W - W0."""
+    torch.manual_seed(seed)
+    digits_tensors('train')  # train_digits_vit loads the data before building the model (no random draws, kept)
+    init = VisionTransformer(**DIGITS_VIT).state_dict()
+    sd = dense.state_dict()
+    depth, d = len(dense.blocks), dense.embed_dim
+
+    def role(state, kind, i):
+        key, j = ('proj', 0) if kind == 'o' else ('qkv', 'qkv'.index(kind))
+        return state[f'blocks.{i}.attn.{key}.weight'][j * d:(j + 1) * d].double()
+
+    lines = ['| proj | rel. distance mean | min | max | norm W / norm W0 | W0 share of energy |',
+             '|---|---:|---:|---:|---:|---:|']
+    stacks = []
+    for kind in 'qkvo':
+        w = torch.stack([role(sd, kind, i) for i in range(depth)])
+        w0 = torch.stack([role(init, kind, i) for i in range(depth)])
+        rel = ((w - w0).flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1)).tolist()
+        ratio = (w.flatten(1).norm(dim=1) / w0.flatten(1).norm(dim=1)).mean().item()
+        # energy of W along its init direction: <W, W0>^2 / (|W|^2 |W0|^2), mean over blocks
+        cos2 = ((w * w0).flatten(1).sum(1).square() / (w.flatten(1).square().sum(1) * w0.flatten(1).square().sum(1)))
+        lines.append(f'| {kind} | {sum(rel) / depth:.3f} | {min(rel):.3f} | {max(rel):.3f} | {ratio:.2f} | '
+                     f'{100 * cos2.mean().item():.0f}% |')
+        stacks += [(f'{kind}: W', w), (f'{kind}: W0 (init)', w0), (f'{kind}: W - W0', w - w0)]
+    counts = (1, depth // 3, depth // 2)
+    share = ['| stack | ' + ' | '.join(f'S={s}' for s in counts) + ' |', '|---|' + '---:|' * len(counts)]
+    share += _energy_rows(stacks, counts)
+    share.append('| (no sharing) | ' + ' | '.join(f'{100 * s / depth:.1f}' for s in counts) + ' |')
+    return '\n'.join(['Distance of the trained attention weights from their random init (relative ||W - W0|| / ||W|| '
+                      'per block; W0 share of energy: cos^2 between W and W0):', ''] + lines
+                     + ['', 'Energy captured by S Matrix PCA atoms (%, one group) in the trained weights, the init and '
+                        'the training update:', ''] + share)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -161,6 +264,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bert_energy:
+        print(bert_energy(args.bert_energy))
+        return
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
     dense, calib, val, setup = load_user_setup(args) if args.model else load_digits_setup(args)
@@ -201,38 +307,74 @@ def main(argv=None):
         cfg = rep.get('config') or {}
         row['detail'] = (f"S={cfg.get('num_atoms')}, groups={cfg.get('groups')}, ranks={cfg.get('refine_rank')}"
                          if cfg else f"rank={rep.get('rank')}")
+        if rep.get('plan_candidates'):
+            row['plan'] = dict(candidates=rep['plan_candidates'], lowrank_only=rep.get('plan_lowrank_only'))
         results.append(row)
         _logger.info('%-28s %.0f%%: top1 %.2f agree %.2f KL %.4f params %d (%s)', name, 100 * budget,
                      100 * row.get('top1', float('nan')), 100 * row['agreement'], row['mean_kl'], row['attention'],
                      row['detail'])
 
+    it, sweeps = args.refine_iters, args.bcd_sweeps
     for budget in args.budgets:
         if lowrank_rank_for_budget(dense, budget) >= 1:
             run('truncated SVD', budget, lambda: svd_from_dense(dense, budget))
             run('whitened SVD (SVD-LLM)', budget, lambda: svd_from_dense(dense, budget, stats=stats))
-        run('Matrix PCA', budget, lambda: from_dense(dense, budget, refine=False))
-        run('Matrix PCA + refine', budget, lambda: from_dense(dense, budget, stats=stats, refine=True))
-        run('Matrix PCA + refine, auto groups', budget,
-            lambda: from_dense(dense, budget, stats=stats, refine=True, groups='auto'))
+        # the plan's no-atom reference: the whole budget in whitened low rank, one rank per role
+        ranks0 = from_dense(dense, budget, stats=stats, refine=True, refine_iters=0).conversion_report[
+            'plan_lowrank_only']['refine_rank']
+        run('whitened SVD, per-role ranks', budget,
+            lambda: whitened_svd_per_role(dense, stats, ranks0, count_params(dense)['attention']))
+        if not args.no_old_rows:
+            run('Matrix PCA', budget, lambda: from_dense(dense, budget, refine=False))
+            run('Matrix PCA + refine', budget, lambda: from_dense(dense, budget, stats=stats, refine=True,
+                                                                  refine_iters=0))
+            run('Matrix PCA + refine, auto groups', budget,
+                lambda: from_dense(dense, budget, stats=stats, refine=True, groups='auto', refine_iters=0))
+        run(f'Matrix PCA + joint refine (L-BFGS {it}, S by objective)', budget,
+            lambda: from_dense(dense, budget, stats=stats, refine=True, refine_iters=it, select='objective'))
+        run(f'Matrix PCA + joint refine (L-BFGS {it}, S by calib KL)', budget,
+            lambda: from_dense(dense, budget, calib=calib, refine_iters=it, select='calib_kl'))
+        if sweeps:
+            run(f'Matrix PCA + joint refine (BCD {sweeps} sweeps, S by calib KL)', budget,
+                lambda: from_dense(dense, budget, calib=calib, refine_iters=sweeps, refine_method='bcd',
+                                   select='calib_kl'))
 
     total = time.perf_counter() - t_start
     lines = [
         f"Dense: {setup['model']}; top-1 {100 * dense_eval['top1']:.2f}% on {dense_eval['num_images']} held-out "
         f"images; attention params {results[0]['attention_dense']:,}.", '',
-        '| budget | method | top-1 | agreement | mean KL | attention params | compression | config |',
-        '|---:|---|---:|---:|---:|---:|---:|---|',
+        '| budget | method | top-1 | agreement | mean KL | attention params | compression | config | seconds |',
+        '|---:|---|---:|---:|---:|---:|---:|---|---:|',
     ]
     for r in results:
         lines.append(
             f"| {100 * r['target']:.0f}% | {r['method']} | {100 * r['top1']:.2f} | {100 * r['agreement']:.2f} | "
-            f"{r['mean_kl']:.2e} | {r['attention']:,} | {100 * r['compression']:.1f}% | {r['detail']} |")
-    table = '\n'.join(lines) + '\n\n' + share_table
+            f"{r['mean_kl']:.2e} | {r['attention']:,} | {100 * r['compression']:.1f}% | {r['detail']} | "
+            f"{r['seconds']:.0f} |")
+    plan_lines = [
+        'Budget plan of the joint refinement rows (relative whitened output energy left, summed over layers, mean over '
+        'roles; lower is better): Matrix PCA + low rank -> after joint refinement [-> KL on the calibration images], '
+        'per atom count refined; no atoms: the whole budget in whitened low rank with per-role ranks.', '',
+        '| budget | method | candidates | no atoms |', '|---:|---|---|---:|']
+    for r in results:
+        if 'joint' in r['method'] and r.get('plan'):
+            cands = ', '.join(f"S={c['num_atoms']}: {c['score']:.3g} -> {c['refined_score']:.3g}"
+                              + (f" -> {c['judged']:.3g}" if 'judged' in c else '')
+                              for c in r['plan']['candidates'] if 'refined_score' in c)
+            ref = r['plan']['lowrank_only']
+            plan_lines.append(f"| {100 * r['target']:.0f}% | {r['method']} | {cands} | "
+                              + (f"{ref['score']:.3g} |" if ref else '- |'))
+    table = '\n'.join(lines) + '\n\n' + share_table + '\n\n' + '\n'.join(plan_lines)
+    if not args.model:
+        init_table = digits_init_distance(dense, args.seed)
+        table += '\n\n' + init_table
     print(table)
     print(f'\ntotal {total:.0f}s (dense model: {setup["source"]}), torch threads {torch.get_num_threads()}')
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, 'bench_conversion.json')
     with open(out, 'w') as f:
         json.dump(dict(setup=setup, dense=dense_eval, results=results, seconds=total, share_table=share_table,
+                       init_table=init_table if not args.model else None,
                        threads=torch.get_num_threads(), argv=sys.argv[1:]), f, indent=2, default=str)
     print(f'wrote {out}')
 

@@ -1105,7 +1105,8 @@ def report_to_markdown(report: Mapping[str, Any]) -> str:
                   + (f"; no atoms, low rank only {ref['score']:.3g}" if ref else ''), '']
     jr = report.get('joint_refine')
     if jr:
-        lines += [f"Joint refinement ({jr.get('method', 'bcd')}, {jr['iters']} iterations), whitened objective start -> end: "
+        lines += [f"Joint refinement ({jr.get('method', 'bcd')}, {jr['iters']} iterations), "
+                  "whitened objective start -> end: "
                   + ', '.join(f"g{h['group']} {h['proj']} {h['objective'][0]:.3g} -> {h['objective'][-1]:.3g}"
                               for h in jr['history']), '']
     if report.get('kl_drift'):

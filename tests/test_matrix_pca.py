@@ -11,6 +11,16 @@ from masa_vit.matrix_pca import (
 )
 
 
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_torch_thread():
+    # tiny problems: a second thread only adds synchronization, and stalls badly when the other core is busy
+    # (measured: 0.02 s -> 3.7 s for one joint refinement test with 2 threads beside another process)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def _correlated_stack(num_layers=8, out=24, inp=16, noise=0.1, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(3, out, inp, generator=g, dtype=dtype)
@@ -221,7 +231,8 @@ def _joint_problem(num_layers=6, out=12, inp=10, seed=0):
     w = _correlated_stack(num_layers, out, inp, noise=0.5, seed=seed)
     chols = []
     for _ in range(num_layers):
-        x = torch.randn(80, inp, generator=g, dtype=torch.float64) @ torch.randn(inp, inp, generator=g, dtype=torch.float64)
+        mix = torch.randn(inp, inp, generator=g, dtype=torch.float64)
+        x = torch.randn(80, inp, generator=g, dtype=torch.float64) @ mix
         chols.append(cholesky_factor(input_autocorrelation(x)))
     return w, chols
 
