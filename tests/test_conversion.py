@@ -215,6 +215,19 @@ def test_joint_refinement_lowers_whitened_error_and_keeps_model_consistent(dense
     assert from_dense(dense, num_atoms=2).conversion_report['method'] == 'matrix_pca'
 
 
+@pytest.mark.parametrize('kw', [dict(dictionary='common', groups=[0, 3]), dict(share='qkv')])
+def test_joint_refinement_common_dictionary_and_unshared_o(dense, calib, kw):
+    stats = collect_calibration(dense, calib, block_logits=False)
+    plain = from_dense(dense, attn_compression=0.3, stats=stats, refine_iters=0, **kw)
+    joint = from_dense(dense, attn_compression=0.3, num_atoms=plain.masa_kwargs['num_atoms'], stats=stats,
+                       refine_iters=8, **kw)
+    assert joint.masa_kwargs['refine_rank'] == plain.masa_kwargs['refine_rank']
+    assert count_params(joint)['attention'] <= math.floor(0.7 * count_params(dense)['attention'])
+    assert _whitened_objective(joint, dense, stats) < _whitened_objective(plain, dense, stats)
+    x = _images(4)
+    assert torch.allclose(joint.eval()(x), to_dense(joint).eval()(x), atol=1e-5)
+
+
 def test_joint_refinement_plan_selects_by_calibration_kl(dense, calib):
     model = from_dense(dense, attn_compression=0.3, calib=calib, refine_iters=5)  # default select: calib_kl
     rep = model.conversion_report
