@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-BETA_CAP = 1.0
+_EXTRAPOLATION_MAX = 1.0  # cap of joint_refine's extrapolation step (1.0 as in Ang & Gillis 2019)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -584,7 +584,7 @@ def joint_refine(
             cur = float(_whitened_objective(w, d, c, lowrank, chols).sum())
             if cur < prev:
                 prev, accepted = cur, accepted + 1
-                beta, beta_max = min(beta_max, 1.05 * beta), min(BETA_CAP, 1.01 * beta_max)
+                beta, beta_max = min(beta_max, 1.05 * beta), min(_EXTRAPOLATION_MAX, 1.01 * beta_max)
             else:
                 d, c, lowrank, us[:], vs[:] = saved[0], saved[1], saved[2], saved[3], saved[4]
                 beta_max, beta = beta, beta / 1.5
