@@ -14,7 +14,10 @@ The paper's training-free path (shown there on LLMs), brought to timm's `VisionT
 4. Local refinement: the residual W - W^ of every shared projection, whitened with the Cholesky factor of the
    layer's X^T X, is approximated at low rank and kept as the block's low-rank term (`AtomLinear.lowrank`). One rank
    per role (Q/K/V/O) for all blocks, allocated greedily by whitened residual energy under the attention budget.
-5. A report: per block and projection the relative reconstruction error (weights, and outputs on calibration data),
+5. Joint refinement (beyond the paper): atoms, coefficients and low-rank terms optimized together on the whitened
+   output objective (`matrix_pca.joint_refine`, L-BFGS or block coordinate descent), the atom count chosen on the
+   refined models (by the KL of the logits on the calibration images, or by the objective).
+6. A report: per block and projection the relative reconstruction error (weights, and outputs on calibration data),
    parameters before/after, and top-1 / agreement / KL of dense vs converted on calibration or held-out images.
 
 `convert_state_dict` is the pure, data-free part (dense state dict in, MASA state dict out); the model's
