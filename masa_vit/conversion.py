@@ -799,9 +799,9 @@ def from_dense(
             model several times); the report then evaluates on `eval_data` only.
         refine_iters: Iterations of joint refinement (atoms, coefficients and low-rank terms optimized together on
             the whitened output objective, `matrix_pca.joint_refine`) after Matrix PCA + whitened low rank; with a
-            budget the plan then compares the atom counts on the refined models. Default: 300 with refinement terms
-            and calibration data, else 0. 0: atoms and coefficients stay the Matrix PCA ones (the paper's
-            construction). Needs refinement terms (`refine`).
+            budget the plan then compares the atom counts on the refined models. Default 0: atoms and coefficients
+            stay the Matrix PCA ones (the paper's construction); 300 gave the best digits results but costs hours for
+            a ViT-B on a CPU. Needs refinement terms (`refine`).
         refine_method: 'lbfgs' (L-BFGS on atoms and coefficients, the low rank kept optimal; `refine_iters` counts
             L-BFGS iterations) or 'bcd' (block coordinate descent sweeps over low rank, coefficients and atoms).
         refine_candidates: The plan refines atom counts S = 1, 2, ... (each a full joint refinement) until one is
@@ -834,7 +834,7 @@ def from_dense(
     weights = _dense_attention_weights(dense_state, dense)
 
     if refine_iters is None:
-        refine_iters = 300 if refine and have_data else 0
+        refine_iters = 0  # opt-in: hours for a ViT-B on a CPU (docs/conversion.md), for a small measured gain
     if select is None:
         select = 'calib_kl' if calib is not None and refine_iters and attn_compression is not None else 'objective'
     if select == 'calib_kl' and calib is not None:

@@ -51,8 +51,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help='whitened low-rank refinement (default: on when calibration images are given)')
     p.add_argument('--refine-rank', type=int, default=None, help='refinement rank with --atoms (else: from budget)')
     p.add_argument('--refine-iters', type=int, default=None,
-                   help='joint refinement iterations of atoms, coefficients and low rank (default: 300 with '
-                        'calibration images; 0: Matrix PCA atoms as they are)')
+                   help='joint refinement iterations of atoms, coefficients and low rank (default 0: Matrix PCA '
+                        'atoms as they are; 300 was best on the digits benchmark, hours for a ViT-B on a CPU)')
     p.add_argument('--refine-method', default='lbfgs', choices=('lbfgs', 'bcd'),
                    help='joint refinement optimizer: L-BFGS or block coordinate descent sweeps')
     p.add_argument('--select', default=None, choices=('objective', 'calib_kl'),
