@@ -12,6 +12,9 @@ then converts it at several attention compression ratios with:
     * + joint refine     atoms, coefficients and low rank optimized together on the whitened output objective
                          (L-BFGS, or block coordinate descent sweeps), atom count chosen by the objective or by KL on
                          the calibration images
+    * , sequential       whitened SVD / Matrix PCA + refine / joint refine, then each block's low-rank terms (and
+                         coefficients) refitted in order on the converted model's own activations, towards the dense
+                         outputs (or, 'input target', towards the dense weight on the converted inputs)
 
 and reports top-1, agreement with the dense model, mean KL(dense || converted) on held-out images, and attention
 parameters. Prints a markdown table and writes JSON.
@@ -69,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument('--refine-iters', type=int, default=300, help='joint refinement iterations (L-BFGS rows)')
     p.add_argument('--bcd-sweeps', type=int, default=100, help='joint refinement sweeps (BCD row; 0: no BCD row)')
     p.add_argument('--no-old-rows', action='store_true', help='only the SVD baselines and the joint refinement rows')
+    p.add_argument('--no-sequential', action='store_true', help='no sequential calibration rows')
     p.add_argument('--bert-energy', default=None, metavar='FILE',
                    help='only print the Matrix PCA atom energy of the attention weights of a BERT safetensors file')
     return p.parse_args(argv)
@@ -338,6 +342,18 @@ def main(argv=None):
             run(f'Matrix PCA + joint refine (BCD {sweeps} sweeps, S by calib KL)', budget,
                 lambda: from_dense(dense, budget, calib=calib, refine_iters=sweeps, refine_method='bcd',
                                    select='calib_kl'))
+        if not args.no_sequential:
+            # sequential calibration: block by block, refit on the converted model's own activations
+            for target in ('dense', 'input'):
+                tag = 'sequential' + ('' if target == 'dense' else ', input target')
+                if lowrank_rank_for_budget(dense, budget) >= 1:
+                    run(f'whitened SVD (SVD-LLM), {tag}', budget,
+                        lambda: svd_from_dense(dense, budget, calib=calib, sequential=True, sequential_target=target))
+                run(f'Matrix PCA + refine, {tag}', budget,
+                    lambda: from_dense(dense, budget, calib=calib, refine=True, refine_iters=0, sequential=True,
+                                       sequential_target=target))
+            run(f'Matrix PCA + joint refine (L-BFGS {it}, S by calib KL), sequential', budget,
+                lambda: from_dense(dense, budget, calib=calib, refine_iters=it, select='calib_kl', sequential=True))
 
     total = time.perf_counter() - t_start
     lines = [

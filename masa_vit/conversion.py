@@ -44,12 +44,12 @@ from timm.models import VisionTransformer
 from .attention import AtomLinear
 from .masa_vision_transformer import MasaVisionTransformer, count_params, parse_share, resolve_groups
 from .matrix_pca import (
-    allocate_ranks, cholesky_factor, joint_refine, kl_group_starts, layer_kl_drift, matrix_pca, matrix_pca_common,
-    matrix_pca_spectrum, truncated_svd, whitened_lowrank,
+    allocate_ranks, cholesky_factor, error_correcting_target, joint_refine, kl_group_starts, layer_kl_drift,
+    matrix_pca, matrix_pca_common, matrix_pca_spectrum, refit_coef_lowrank, truncated_svd, whitened_lowrank,
 )
 
 __all__ = [
-    'from_dense', 'svd_from_dense', 'convert_state_dict', 'collect_calibration', 'CalibrationStats',
+    'from_dense', 'svd_from_dense', 'sequential_refit', 'convert_state_dict', 'collect_calibration', 'CalibrationStats',
     'vit_kwargs_from_dense', 'evaluate_agreement', 'predict_logits', 'report_to_markdown', 'save_converted', 'load_converted',
 ]
 
@@ -514,6 +514,136 @@ def evaluate_agreement(
     return _compare_logits(dense_logits, logits, targets)
 
 
+class _StopForward(Exception):
+    """Raised by a hook once the layer being calibrated has seen its input (the blocks after it are not needed)."""
+
+
+@torch.no_grad()
+def _layer_input_stats(
+        dense: nn.Module, model: nn.Module, name: str, batches: Sequence[torch.Tensor], cross: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    """Xc^T Xc of the input of layer `name` in `model` and, when `cross`, X^T Xc with X the same layer's input in
+    `dense` on the same tokens (float64, CPU), and the token count. Both forwards stop at the layer."""
+    dense_layer = dense.get_submodule(name)
+    layer = model.get_submodule(name)
+    seen: Dict[str, torch.Tensor] = {}
+
+    def grab(key):
+        def hook(module, args):
+            seen[key] = args[0].detach().reshape(-1, args[0].shape[-1]).to('cpu', torch.float64)
+            raise _StopForward
+        return hook
+
+    xtx = xcross = None
+    tokens = 0
+    handles = [layer.register_forward_pre_hook(grab('c'))]
+    if cross:
+        handles.append(dense_layer.register_forward_pre_hook(grab('d')))
+    p = next(model.parameters())
+    try:
+        for x in batches:
+            x = x.to(device=p.device, dtype=p.dtype)
+            for m in ((dense, model) if cross else (model,)):
+                try:
+                    m(x)
+                except _StopForward:
+                    pass
+            xc = seen['c']
+            xtx = xc.T @ xc if xtx is None else xtx + xc.T @ xc
+            if cross:
+                a = seen['d'].T @ xc
+                xcross = a if xcross is None else xcross + a
+            tokens += xc.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    return xtx, xcross, tokens
+
+
+@torch.no_grad()
+def sequential_refit(
+        dense_model: nn.Module,
+        model: MasaVisionTransformer,
+        calib: Iterable,
+        target: str = 'dense',
+        sweeps: int = 10,
+        damping: float = 1e-2,
+        max_calib_batches: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Refit each block's low-rank terms (and its coefficients) on the converted model's own activations, in order.
+
+    For block b = 0, 1, ...: the calibration images run through `model`, whose blocks < b are already refitted,
+    up to block b's `attn.qkv`; its input statistics give the whitening of Q, K and V, whose coefficients (atoms
+    fixed: they are shared by blocks before and after) and low-rank terms are refitted (`refit_coef_lowrank`); then
+    the same for `attn.proj` with the refitted Q/K/V in place. Parts without a low-rank term are left as they are.
+
+    Args:
+        dense_model: The dense ViT `model` was converted from (same layer names).
+        model: A converted model (`from_dense` or `svd_from_dense`), modified in place.
+        calib: Calibration images (as for `collect_calibration`).
+        target: 'dense': fit the dense outputs W X from the converted inputs Xc (`error_correcting_target`, uses the
+            cross-correlation X^T Xc); 'input': fit W on the converted inputs (whiten with Xc^T Xc, target W).
+        sweeps: Coefficient / low-rank alternations per layer (`refit_coef_lowrank`).
+        damping: Cholesky damping of Xc^T Xc when needed.
+
+    Returns:
+        Per layer the whitened objective relative to the target's whitened energy, before and after the refit.
+    """
+    if target not in ('dense', 'input'):
+        raise ValueError(f"sequential target must be 'dense' or 'input', got {target!r}")
+    dense = _unwrap(dense_model)
+    model = _unwrap(model)
+    batches = [x for x, _ in _iter_batches(calib, max_calib_batches)]
+    if not batches:
+        raise ValueError('sequential calibration needs calibration images')
+    was_training = (dense.training, model.training)
+    dense.eval()
+    model.eval()
+    dense_state = {k: v.detach().cpu() for k, v in dense.state_dict().items()}
+    weights = _dense_attention_weights(dense_state, dense)
+    rows = []
+    try:
+        for i, name, lname, layer, kinds in _attention_layers(model):
+            if not isinstance(layer, AtomLinear) or not layer.lowrank_ranks:
+                continue
+            xtx, cross, tokens = _layer_input_stats(dense, model, name, batches, target == 'dense')
+            chol = cholesky_factor(xtx, damping)
+            d = layer.dictionary
+            for p, base in zip(layer.parts, layer.bases):
+                rank = layer.lowrank_ranks.get(p)
+                if not rank or base == 'own':
+                    continue
+                w = weights[(i, p)]
+                t = error_correcting_target(w, cross, chol) if cross is not None else w
+                atoms = coef = None
+                if base == 'shared':
+                    if d.coef_mode != 'direct':
+                        raise ValueError(f'sequential refit needs direct coefficients, {name} has {d.coef_mode!r}')
+                    kidx = d.kinds.index(p)
+                    atoms = d.atoms[0 if d.common else kidx].detach().cpu()
+                    coef = d.coef[kidx, layer.block].detach().cpu()
+                u_old = layer.lowrank[f'{p}_u'].detach().cpu().double()
+                v_old = layer.lowrank[f'{p}_v'].detach().cpu().double()
+                base_w = torch.einsum('s,soi->oi', coef.double(), atoms.double()) if atoms is not None else 0
+                energy = max(float((t @ chol).square().sum()), 1e-300)
+                before = float(((t - base_w - u_old @ v_old) @ chol).square().sum()) / energy
+                c, u, v = refit_coef_lowrank(t, atoms, coef, chol, rank, sweeps=sweeps if atoms is not None else 0)
+                base_w = torch.einsum('s,soi->oi', c, atoms.double()) if atoms is not None else 0
+                after = float(((t - base_w - u @ v) @ chol).square().sum()) / energy
+                if c is not None:
+                    d.coef[kidx, layer.block].copy_(c.to(d.coef))
+                layer.lowrank[f'{p}_u'].copy_(u.to(layer.lowrank[f'{p}_u']))
+                layer.lowrank[f'{p}_v'].copy_(v.to(layer.lowrank[f'{p}_v']))
+                rows.append(dict(block=i, proj=p, tokens=tokens, before=before, after=after))
+    finally:
+        dense.train(was_training[0])
+        model.train(was_training[1])
+    _logger.info('sequential refit (%s target): %d layers, mean relative whitened error %.3g -> %.3g', target,
+                 len(rows), sum(r['before'] for r in rows) / max(len(rows), 1),
+                 sum(r['after'] for r in rows) / max(len(rows), 1))
+    return dict(target=target, sweeps=sweeps, layers=rows)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Budget planning
 # ---------------------------------------------------------------------------------------------------
@@ -771,6 +901,9 @@ def from_dense(
         refine_method: str = 'lbfgs',
         refine_candidates: Optional[int] = None,
         select: Optional[str] = None,
+        sequential: bool = False,
+        sequential_target: str = 'dense',
+        sequential_sweeps: int = 10,
 ) -> MasaVisionTransformer:
     """Convert a pretrained dense timm ViT into a MASA ViT without training.
 
@@ -811,6 +944,13 @@ def from_dense(
             mean KL(dense || converted) of the logits on the calibration images; needs `calib` and `refine_iters`).
             The per-layer objective does not weigh how each layer's error reaches the logits. Default: 'calib_kl'
             when `calib`, a budget and joint refinement are given, else 'objective'.
+        sequential: Sequential calibration after the conversion (`sequential_refit`): block by block in order, each
+            block's coefficients and low-rank terms are refitted on the inputs that the converted model (blocks
+            before it already refitted) gives its attention projections; atoms, atom counts and ranks stay as the
+            plan chose them on the dense model's statistics. Needs `calib` images and refinement terms.
+        sequential_target: 'dense' (fit the dense outputs from the converted inputs, through the cross-correlation)
+            or 'input' (fit the dense weight on the converted inputs).
+        sequential_sweeps: Coefficient / low-rank alternations per layer in the sequential refit.
     """
     t0 = time.perf_counter()
     dense = _check_dense_vit(dense_model)
@@ -857,6 +997,11 @@ def from_dense(
         raise ValueError("select='calib_kl' needs calibration images (calib=...), refine_iters and attn_compression")
     if refine_iters and not refine:
         raise ValueError('refine_iters needs refinement terms: give calibration data and a budget or refine_rank')
+    if sequential and (calib is None or not refine):
+        raise ValueError('sequential=True needs calibration images (calib=..., not only stats=) and refinement terms')
+    if sequential and not isinstance(calib, list):
+        calib = [x if y is None else (x, y) for x, y in _iter_batches(calib, max_calib_batches)]
+        max_calib_batches = None
 
     drift = None
     if isinstance(groups, str):
@@ -910,6 +1055,12 @@ def from_dense(
         joint = plan.get('joint') or _joint_refine_groups(weights, bounds, kinds, dictionary == 'common',
                                                           plan['num_atoms'], ranks, chol, refine_iters, refine_method)
     model, masa_kwargs, ranks = build(plan['num_atoms'], ranks, joint)
+    seq = None
+    if sequential:
+        if not ranks:
+            raise ValueError('sequential=True needs refinement terms (the plan allocated no refinement rank)')
+        seq = sequential_refit(dense, model, calib, target=sequential_target, sweeps=sequential_sweeps,
+                               damping=damping)
     model.pretrained_cfg = copy.deepcopy(getattr(dense, 'pretrained_cfg', {}))
     model = model.train(dense.training)
     t_convert = time.perf_counter()
@@ -920,10 +1071,11 @@ def from_dense(
     if budget is not None and counts['attention'] > budget:
         raise AssertionError(f'conversion exceeded its budget: {counts["attention"]} > {budget}')
     report = dict(
-        method='matrix_pca' + ('+joint_refine' if joint else '+refine' if ranks else ''),
+        method='matrix_pca' + ('+joint_refine' if joint else '+refine' if ranks else '') + ('+sequential' if seq else ''),
         config=dict(masa_kwargs, groups=[a for a, _ in bounds], share=''.join(kinds),
                     refine_iters=refine_iters if joint else None, refine_method=refine_method if joint else None,
-                    select=select if joint else None),
+                    select=select if joint else None, sequential=sequential_target if seq else None),
+        sequential=seq,
         target_attn_compression=attn_compression,
         params=dict(
             total_dense=dense_counts['total'], total=counts['total'], attention_dense=attn_dense,
@@ -1024,12 +1176,16 @@ def svd_from_dense(
         max_calib_batches: Optional[int] = None,
         stats: Optional[CalibrationStats] = None,
         damping: float = 1e-2,
+        sequential: bool = False,
+        sequential_target: str = 'dense',
 ) -> MasaVisionTransformer:
     """Same-budget baselines: every shared projection replaced by its per-layer rank-r factorization U V.
 
     Plain truncated SVD without calibration data; with `calib` (or precomputed `stats`), the data-aware whitened SVD
     of SVD-LLM (Wang et al. 2024, https://arxiv.org/abs/2403.07378). Returns a `MasaVisionTransformer` with
     sharing='low_rank' (so `count_params` counts it like MASA) and the report as `model.conversion_report`.
+    `sequential=True` (needs `calib` images) then refits the factors block by block on the converted model's own
+    activations (`sequential_refit`, the same option as `from_dense`'s).
     """
     dense = _check_dense_vit(dense_model)
     if rank is None:
@@ -1038,6 +1194,11 @@ def svd_from_dense(
         rank = lowrank_rank_for_budget(dense, attn_compression, share)
     if rank < 1:
         raise ValueError(f'attn_compression={attn_compression} leaves no room for a rank-1 factorization')
+    if sequential and calib is None:
+        raise ValueError('sequential=True needs calibration images (calib=...)')
+    if sequential and not isinstance(calib, list):
+        calib = [x if y is None else (x, y) for x, y in _iter_batches(calib, max_calib_batches)]
+        max_calib_batches = None
     if stats is None and calib is not None:
         stats = collect_calibration(dense, calib, max_batches=max_calib_batches, block_logits=False)
     chol = stats.cholesky(damping) if stats is not None else None
@@ -1048,9 +1209,11 @@ def svd_from_dense(
     model.load_state_dict(convert_state_dict(dense_state, model, whitening=chol), strict=True)
     model.pretrained_cfg = copy.deepcopy(getattr(dense, 'pretrained_cfg', {}))
     model = model.to(device=p.device, dtype=p.dtype).train(dense.training)
+    seq = sequential_refit(dense, model, calib, target=sequential_target, damping=damping) if sequential else None
     counts, dense_counts = count_params(model), count_params(dense)
     model.conversion_report = dict(
-        method='whitened_svd' if chol is not None else 'truncated_svd', rank=rank,
+        method=('whitened_svd' if chol is not None else 'truncated_svd') + ('+sequential' if seq else ''), rank=rank,
+        sequential=seq,
         target_attn_compression=attn_compression,
         params=dict(attention_dense=dense_counts['attention'], attention=counts['attention'],
                     attention_compression=1.0 - counts['attention'] / dense_counts['attention'],

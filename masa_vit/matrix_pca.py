@@ -13,6 +13,8 @@ Pure math on tensors, no model code. Implements the training-free path of
 * Adaptive rank allocation across projection roles (Q/K/V/O) under a parameter budget.
 * Joint refinement: block coordinate descent on atoms, coefficients and low-rank terms together, on the
   whitened (output) objective, starting from Matrix PCA + whitened low rank.
+* Sequential refit of one layer on the converted model's inputs, towards the dense outputs
+  (error-correcting target W X^T Xc (Xc^T Xc)^{-1}), atoms fixed.
 
 Notation: a layer computes y = x W^T with W of shape (out, in) and x of shape (tokens, in), so the
 output error of an approximation W^ on calibration tokens X is ||(W - W^) X^T||_F and
@@ -28,7 +30,7 @@ __all__ = [
     'matrix_pca', 'matrix_pca_common', 'matrix_pca_spectrum',
     'layer_kl_drift', 'kl_group_starts',
     'input_autocorrelation', 'cholesky_factor', 'whitened_lowrank', 'truncated_svd', 'whitened_svd',
-    'whitened_residual_spectrum', 'allocate_ranks', 'joint_refine',
+    'whitened_residual_spectrum', 'allocate_ranks', 'joint_refine', 'error_correcting_target', 'refit_coef_lowrank',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -598,3 +600,72 @@ def joint_refine(
     c = c * scale[None]
     return dict(atoms=d, coef=c, u=us, v=vs, objective=_whitened_objective(w, d, c, lowrank, chols), history=history,
                 extrapolated=accepted)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequential (error-correcting) refit of one layer on the converted model's own inputs
+# ---------------------------------------------------------------------------------------------------
+
+def error_correcting_target(weight: torch.Tensor, cross: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """The weight T that turns "reproduce the dense outputs from the converted model's inputs" into a whitened
+    low-rank problem.
+
+    With dense inputs X and the converted model's inputs Xc of the same tokens (N, in), fitting W^ to the dense
+    outputs is min ||W X^T - W^ Xc^T||_F. With C = Xc^T Xc = Lc Lc^T and the cross-correlation
+    A = X^T Xc (``cross``, (in, in)), expanding the square gives
+    ||W X^T - W^ Xc^T||_F^2 = ||(T - W^) Lc||_F^2 + const,  T = W A C^{-1},
+    (the normal equations of the least squares in W^ are W^ C = W A), so every whitened tool (`whitened_lowrank`,
+    the coefficient least squares) applies unchanged to the target T with the factor Lc. When Xc = X, T = W.
+
+    Args:
+        weight: The dense (out, in) weight W.
+        cross: X^T Xc, dense inputs times converted inputs, summed over the same tokens.
+        chol: Lower Cholesky factor Lc of Xc^T Xc (damped as `cholesky_factor` does; C^{-1} is taken as
+            (Lc Lc^T)^{-1}).
+    """
+    w = weight.to(torch.float64)
+    # T^T = C^{-1} A^T W^T (C symmetric)
+    return torch.cholesky_solve(cross.to(torch.float64).T @ w.T, chol.to(torch.float64)).T
+
+
+def refit_coef_lowrank(
+        target: torch.Tensor,
+        atoms: Optional[torch.Tensor],
+        coef: Optional[torch.Tensor],
+        chol: torch.Tensor,
+        rank: int,
+        sweeps: int = 10,
+) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Refit one layer's coefficients and low-rank term with the atoms held fixed, on the whitened objective
+    J = ||(T - sum_s c_s D_s - U V) L||_F^2.
+
+    Alternates the exact minimizers of `joint_refine`'s steps (a) (whitened truncated SVD of T - sum_s c_s D_s) and
+    (b) (the S x S least squares for c given T - U V), starting with (a) at the given coefficients, so J never
+    increases. Without atoms (a low-rank-only layer) it is step (a) alone.
+
+    Args:
+        target: (out, in) weight to approximate (the dense weight, or `error_correcting_target`).
+        atoms: (S, out, in) fixed atoms, or None.
+        coef: (S,) starting coefficients, or None.
+        chol: (in, in) lower Cholesky factor of the layer's input autocorrelation.
+        rank: Rank of U V.
+        sweeps: Alternations of (a) and (b).
+
+    Returns:
+        coef (S,) or None, U (out, rank), V (rank, in), all float64.
+    """
+    t = target.to(torch.float64)
+    chol = chol.to(torch.float64)
+    if atoms is None:
+        u, v = whitened_lowrank(t, None, rank, chol=chol)
+        return None, u, v
+    d = atoms.to(torch.float64)
+    c = coef.to(torch.float64).clone()
+    dw = (d @ chol).flatten(1)  # (S, out * in), whitened atoms
+    gram = dw @ dw.T
+    pinv = torch.linalg.pinv(gram)
+    u, v = whitened_lowrank(t - torch.einsum('s,soi->oi', c, d), None, rank, chol=chol)
+    for _ in range(sweeps):
+        c = pinv @ (dw @ ((t - u @ v) @ chol).flatten())
+        u, v = whitened_lowrank(t - torch.einsum('s,soi->oi', c, d), None, rank, chol=chol)
+    return c, u, v
