@@ -49,7 +49,8 @@ from .matrix_pca import (
 )
 
 __all__ = [
-    'from_dense', 'svd_from_dense', 'sequential_refit', 'convert_state_dict', 'collect_calibration', 'CalibrationStats',
+    'from_dense', 'svd_from_dense', 'sequential_refit', 'convert_state_dict', 'collect_calibration',
+    'CalibrationStats',
     'vit_kwargs_from_dense', 'evaluate_agreement', 'predict_logits', 'report_to_markdown', 'save_converted', 'load_converted',
 ]
 
@@ -998,7 +999,8 @@ def from_dense(
     if refine_iters and not refine:
         raise ValueError('refine_iters needs refinement terms: give calibration data and a budget or refine_rank')
     if sequential and (calib is None or not refine):
-        raise ValueError('sequential=True needs calibration images (calib=..., not only stats=) and refinement terms')
+        raise ValueError('sequential=True needs calibration images (calib=..., not only stats=) and refinement '
+                         'terms')
     if sequential and not isinstance(calib, list):
         calib = [x if y is None else (x, y) for x, y in _iter_batches(calib, max_calib_batches)]
         max_calib_batches = None
@@ -1071,7 +1073,8 @@ def from_dense(
     if budget is not None and counts['attention'] > budget:
         raise AssertionError(f'conversion exceeded its budget: {counts["attention"]} > {budget}')
     report = dict(
-        method='matrix_pca' + ('+joint_refine' if joint else '+refine' if ranks else '') + ('+sequential' if seq else ''),
+        method=('matrix_pca' + ('+joint_refine' if joint else '+refine' if ranks else '')
+                + ('+sequential' if seq else '')),
         config=dict(masa_kwargs, groups=[a for a, _ in bounds], share=''.join(kinds),
                     refine_iters=refine_iters if joint else None, refine_method=refine_method if joint else None,
                     select=select if joint else None, sequential=sequential_target if seq else None),
@@ -1212,7 +1215,8 @@ def svd_from_dense(
     seq = sequential_refit(dense, model, calib, target=sequential_target, damping=damping) if sequential else None
     counts, dense_counts = count_params(model), count_params(dense)
     model.conversion_report = dict(
-        method=('whitened_svd' if chol is not None else 'truncated_svd') + ('+sequential' if seq else ''), rank=rank,
+        method=('whitened_svd' if chol is not None else 'truncated_svd') + ('+sequential' if seq else ''),
+        rank=rank,
         sequential=seq,
         target_attn_compression=attn_compression,
         params=dict(attention_dense=dense_counts['attention'], attention=counts['attention'],

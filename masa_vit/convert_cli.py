@@ -58,6 +58,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--select', default=None, choices=('objective', 'calib_kl'),
                    help='compare atom counts by the whitened objective or by KL on the calibration images '
                         '(default: calib_kl with calibration images and a budget)')
+    p.add_argument('--sequential', action='store_true',
+                   help='sequential calibration: refit each block in order on the converted model\'s own activations')
+    p.add_argument('--sequential-target', default='dense', choices=('dense', 'input'),
+                   help='sequential refit towards the dense outputs (default) or the dense weight on the '
+                        'converted inputs')
     p.add_argument('--calib-dir', help='calibration image folder (any layout; images are found recursively)')
     p.add_argument('--calib-images', type=int, default=256, help='calibration images to use')
     p.add_argument('--eval-dir', help='held-out image folder with one sub-folder per class, in the model class order')
@@ -149,7 +154,8 @@ def run(args: argparse.Namespace) -> dict:
         dense, attn_compression=args.attn_compression, num_atoms=num_atoms, groups=groups, calib=calib,
         refine=args.refine, refine_rank=args.refine_rank, share=args.share, dictionary=args.dictionary,
         auto_groups=args.auto_groups, eval_data=eval_data, refine_iters=args.refine_iters,
-        refine_method=args.refine_method, select=args.select)
+        refine_method=args.refine_method, select=args.select, sequential=args.sequential,
+        sequential_target=args.sequential_target)
     report = dict(model.conversion_report, source=dict(
         model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, model_kwargs=args.model_kwargs))
     save_converted(model, args.output, source_model=args.model, source_kwargs=args.model_kwargs)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from masa_vit.matrix_pca import (
-    allocate_ranks, cholesky_factor, input_autocorrelation, joint_refine, kl_group_starts, layer_kl_drift, matrix_pca,
-    matrix_pca_common, matrix_pca_spectrum, truncated_svd, whitened_lowrank, whitened_residual_spectrum,
-    whitened_svd,
+    allocate_ranks, cholesky_factor, error_correcting_target, input_autocorrelation, joint_refine, kl_group_starts,
+    layer_kl_drift, matrix_pca, matrix_pca_common, matrix_pca_spectrum, refit_coef_lowrank, truncated_svd,
+    whitened_lowrank, whitened_residual_spectrum, whitened_svd,
 )
 
 
@@ -280,3 +280,51 @@ def test_joint_refine_zero_iters_is_plain_refinement_and_bad_input():
         joint_refine(w, atoms, coef, chols[:3], [2] * 6, 1)
     with pytest.raises(ValueError, match='method'):
         joint_refine(w, atoms, coef, chols, [2] * 6, 1, method='adam')
+
+
+def test_error_correcting_target_turns_dense_output_fit_into_whitened_problem():
+    g = torch.Generator().manual_seed(3)
+    n, out, inp = 200, 12, 10
+    x = torch.randn(n, inp, generator=g, dtype=torch.float64) @ torch.randn(inp, inp, generator=g, dtype=torch.float64)
+    xc = x + 0.3 * torch.randn(n, inp, generator=g, dtype=torch.float64)  # the converted model's inputs
+    w = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    chol = cholesky_factor(xc.T @ xc)
+    t = error_correcting_target(w, x.T @ xc, chol)
+    # ||W X^T - W^ Xc^T||^2 = ||(T - W^) Lc||^2 + const for every W^
+    gaps = []
+    for _ in range(3):
+        w_hat = torch.randn(out, inp, generator=g, dtype=torch.float64)
+        gaps.append((w @ x.T - w_hat @ xc.T).square().sum() - ((t - w_hat) @ chol).square().sum())
+    assert torch.allclose(torch.stack(gaps), gaps[0].expand(3), rtol=1e-9, atol=1e-8)
+    # so the full-rank optimum is T, the least-squares solution of W^ Xc^T = W X^T
+    assert torch.allclose(t, torch.linalg.lstsq(xc, x @ w.T).solution.T, atol=1e-8)
+    # same inputs: the target is the dense weight
+    assert torch.allclose(error_correcting_target(w, x.T @ x, cholesky_factor(x.T @ x)), w, atol=1e-8)
+
+
+def test_refit_coef_lowrank_is_optimal_in_coefficients_and_never_worse():
+    g = torch.Generator().manual_seed(4)
+    out, inp, s, rank = 12, 10, 2, 3
+    atoms = torch.randn(s, out, inp, generator=g, dtype=torch.float64)
+    t = torch.einsum('s,soi->oi', torch.tensor([1.0, -0.5], dtype=torch.float64), atoms) \
+        + 0.3 * torch.randn(out, inp, generator=g, dtype=torch.float64)
+    xs = torch.randn(50, inp, generator=g, dtype=torch.float64)
+    chol = cholesky_factor(xs.T @ xs)
+    c0 = torch.tensor([0.2, 0.2], dtype=torch.float64)
+
+    def objective(c, u, v):
+        return ((t - torch.einsum('s,soi->oi', c, atoms) - u @ v) @ chol).square().sum()
+
+    _, u0, v0 = refit_coef_lowrank(t, atoms, c0, chol, rank, sweeps=0)
+    assert torch.allclose(u0 @ v0, torch.mm(*whitened_lowrank(t - torch.einsum('s,soi->oi', c0, atoms), None, rank,
+                                                                chol=chol)))
+    c1, u1, v1 = refit_coef_lowrank(t, atoms, c0, chol, rank, sweeps=1)
+    c, u, v = refit_coef_lowrank(t, atoms, c0, chol, rank, sweeps=20)
+    assert objective(c, u, v) <= objective(c1, u1, v1) <= objective(c0, u0, v0)
+    assert objective(c, u, v) < 0.5 * objective(c0, u0, v0)  # c0 is far from the coefficients t was built with
+    # each sweep ends with the low rank: the whitened optimum given the final coefficients
+    assert torch.allclose(u @ v, torch.mm(*whitened_lowrank(t - torch.einsum('s,soi->oi', c, atoms), None, rank,
+                                                            chol=chol)))
+    # no atoms: the whitened low rank of the target
+    none, u2, v2 = refit_coef_lowrank(t, None, None, chol, rank)
+    assert none is None and torch.allclose(u2 @ v2, torch.mm(*whitened_lowrank(t, None, rank, chol=chol)))
