@@ -17,7 +17,10 @@ The paper's training-free path (shown there on LLMs), brought to timm's `VisionT
 5. Joint refinement (beyond the paper): atoms, coefficients and low-rank terms optimized together on the whitened
    output objective (`matrix_pca.joint_refine`, L-BFGS or block coordinate descent), the atom count chosen on the
    refined models (by the KL of the logits on the calibration images, or by the objective).
-6. A report: per block and projection the relative reconstruction error (weights, and outputs on calibration data),
+6. Sequential calibration (optional, `sequential_refit`): block by block in order, each block's coefficients and
+   low-rank terms refitted on the converted model's own inputs towards the dense outputs
+   (`matrix_pca.error_correcting_target`).
+7. A report: per block and projection the relative reconstruction error (weights, and outputs on calibration data),
    parameters before/after, and top-1 / agreement / KL of dense vs converted on calibration or held-out images.
 
 `convert_state_dict` is the pure, data-free part (dense state dict in, MASA state dict out); the model's
