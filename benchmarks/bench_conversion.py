@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument('--bcd-sweeps', type=int, default=100, help='joint refinement sweeps (BCD row; 0: no BCD row)')
     p.add_argument('--no-old-rows', action='store_true', help='only the SVD baselines and the joint refinement rows')
     p.add_argument('--no-sequential', action='store_true', help='no sequential calibration rows')
+    p.add_argument('--atom-rounds', type=int, default=0,
+                   help='also a row with this many guarded sequential atom rounds (from_dense sequential_atom_rounds)')
     p.add_argument('--bert-energy', default=None, metavar='FILE',
                    help='only print the Matrix PCA atom energy of the attention weights of a BERT safetensors file')
     return p.parse_args(argv)
@@ -354,6 +356,11 @@ def main(argv=None):
                                        sequential_target=target))
             run(f'Matrix PCA + joint refine (L-BFGS {it}, S by calib KL), sequential', budget,
                 lambda: from_dense(dense, budget, calib=calib, refine_iters=it, select='calib_kl', sequential=True))
+            if args.atom_rounds:
+                run(f'Matrix PCA + joint refine (L-BFGS {it}, S by calib KL), sequential + {args.atom_rounds} atom '
+                    'rounds', budget,
+                    lambda: from_dense(dense, budget, calib=calib, refine_iters=it, select='calib_kl', sequential=True,
+                                       sequential_atom_rounds=args.atom_rounds))
 
     total = time.perf_counter() - t_start
     lines = [

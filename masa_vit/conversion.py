@@ -565,6 +565,46 @@ def _layer_input_stats(
 
 
 @torch.no_grad()
+def _sequential_atom_rounds(
+        dense: nn.Module, model: MasaVisionTransformer, calib: Sequence, dense_logits: torch.Tensor, rounds: int,
+        bounds, kinds, common: bool, atoms_per_group, ranks, iters: int, method: str, target: str, sweeps: int,
+        damping: float,
+) -> List[Dict[str, Any]]:
+    """Refit the shared atoms on sequential statistics, guarded by the calibration KL (see `from_dense`)."""
+    batches = [x for x, _ in _iter_batches(calib)]
+    dense_state = {k: v.detach().cpu() for k, v in dense.state_dict().items()}
+    dense_w = _dense_attention_weights(dense_state, dense)
+
+    def calib_kl():
+        return _compare_logits(dense_logits, predict_logits(model, calib)[0], None)['mean_kl']
+
+    history = [dict(round=0, calib_kl=calib_kl())]
+    model.eval()
+    for r in range(1, rounds + 1):
+        weights, chol = {}, {}
+        for i, name, _, _, part_kinds in _attention_layers(model):
+            xtx, cross, _ = _layer_input_stats(dense, model, name, batches, target == 'dense')
+            chol[name] = cholesky_factor(xtx, damping)
+            for k in part_kinds:
+                weights[(i, k)] = (error_correcting_target(dense_w[(i, k)], cross, chol[name]) if cross is not None
+                                   else dense_w[(i, k)])
+        joint = _joint_refine_groups(weights, bounds, kinds, common, atoms_per_group, ranks, chol, iters, method)
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        state = dict(saved)
+        _load_joint(state, model, joint, kinds)
+        model.load_state_dict(state)
+        sequential_refit(dense, model, calib, target=target, sweeps=sweeps, damping=damping)
+        kl = calib_kl()
+        best = min(h['calib_kl'] for h in history)
+        history.append(dict(round=r, calib_kl=kl, kept=kl < best))
+        _logger.info('sequential atom round %d: calibration KL %.4g (before %.4g)', r, kl, best)
+        if kl >= best:
+            model.load_state_dict(saved)
+            break
+    return history
+
+
+@torch.no_grad()
 def sequential_refit(
         dense_model: nn.Module,
         model: MasaVisionTransformer,
@@ -908,6 +948,7 @@ def from_dense(
         sequential: bool = False,
         sequential_target: str = 'dense',
         sequential_sweeps: int = 10,
+        sequential_atom_rounds: int = 0,
 ) -> MasaVisionTransformer:
     """Convert a pretrained dense timm ViT into a MASA ViT without training.
 
@@ -955,6 +996,11 @@ def from_dense(
         sequential_target: 'dense' (fit the dense outputs from the converted inputs, through the cross-correlation)
             or 'input' (fit the dense weight on the converted inputs).
         sequential_sweeps: Coefficient / low-rank alternations per layer in the sequential refit.
+        sequential_atom_rounds: After the sequential refit, up to this many rounds of: every layer's sequential
+            statistics on the current model, joint refinement (`refine_iters`, `refine_method`) of atoms,
+            coefficients and low rank on them, and another sequential refit; a round is kept only when it lowers
+            the mean KL(dense || converted) on the calibration images, else undone and the rounds stop.
+            Needs `sequential` and `refine_iters`.
     """
     t0 = time.perf_counter()
     dense = _check_dense_vit(dense_model)
@@ -1007,6 +1053,8 @@ def from_dense(
     if sequential and not isinstance(calib, list):
         calib = [x if y is None else (x, y) for x, y in _iter_batches(calib, max_calib_batches)]
         max_calib_batches = None
+    if sequential_atom_rounds and not (sequential and refine_iters):
+        raise ValueError('sequential_atom_rounds needs sequential=True and refine_iters')
 
     drift = None
     if isinstance(groups, str):
@@ -1066,6 +1114,10 @@ def from_dense(
             raise ValueError('sequential=True needs refinement terms (the plan allocated no refinement rank)')
         seq = sequential_refit(dense, model, calib, target=sequential_target, sweeps=sequential_sweeps,
                                damping=damping)
+        if sequential_atom_rounds:
+            seq['atom_rounds'] = _sequential_atom_rounds(
+                dense, model, calib, stats.logits, sequential_atom_rounds, bounds, kinds, dictionary == 'common',
+                plan['num_atoms'], ranks, refine_iters, refine_method, sequential_target, sequential_sweeps, damping)
     model.pretrained_cfg = copy.deepcopy(getattr(dense, 'pretrained_cfg', {}))
     model = model.train(dense.training)
     t_convert = time.perf_counter()

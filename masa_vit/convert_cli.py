@@ -63,6 +63,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--sequential-target', default='dense', choices=('dense', 'input'),
                    help='sequential refit towards the dense outputs (default) or the dense weight on the '
                         'converted inputs')
+    p.add_argument('--sequential-atom-rounds', type=int, default=0,
+                   help='with --sequential and --refine-iters: rounds refitting the shared atoms on sequential '
+                        'statistics, each kept only when it lowers the calibration KL')
     p.add_argument('--calib-dir', help='calibration image folder (any layout; images are found recursively)')
     p.add_argument('--calib-images', type=int, default=256, help='calibration images to use')
     p.add_argument('--eval-dir', help='held-out image folder with one sub-folder per class, in the model class order')
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
         refine=args.refine, refine_rank=args.refine_rank, share=args.share, dictionary=args.dictionary,
         auto_groups=args.auto_groups, eval_data=eval_data, refine_iters=args.refine_iters,
         refine_method=args.refine_method, select=args.select, sequential=args.sequential,
-        sequential_target=args.sequential_target)
+        sequential_target=args.sequential_target, sequential_atom_rounds=args.sequential_atom_rounds)
     report = dict(model.conversion_report, source=dict(
         model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, model_kwargs=args.model_kwargs))
     save_converted(model, args.output, source_model=args.model, source_kwargs=args.model_kwargs)

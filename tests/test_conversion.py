@@ -290,6 +290,21 @@ def test_sequential_calibration_options_and_errors(dense, calib):
         svd_from_dense(dense, 0.3, stats=stats, sequential=True)
     with pytest.raises(ValueError, match="'dense' or 'input'"):
         from_dense(dense, 0.3, calib=calib, sequential=True, sequential_target='outputs')
+    with pytest.raises(ValueError, match='sequential_atom_rounds needs'):
+        from_dense(dense, 0.3, calib=calib, sequential=True, sequential_atom_rounds=1)
+
+
+def test_sequential_atom_rounds_are_guarded_by_calibration_kl(dense, calib):
+    m = from_dense(dense, 0.5, calib=calib, refine_iters=20, select='objective', sequential=True,
+                   sequential_atom_rounds=2)
+    rounds = m.conversion_report['sequential']['atom_rounds']
+    assert rounds[0]['round'] == 0 and len(rounds) >= 2
+    # the model kept is the best round on the calibration KL (a round that does not lower it is undone)
+    kl = evaluate_agreement(dense, m, calib)['mean_kl']
+    assert kl == pytest.approx(min(r['calib_kl'] for r in rounds), rel=1e-6)
+    assert count_params(m)['attention'] <= m.conversion_report['params']['attention_budget']
+    x = _images(8)
+    assert torch.allclose(m(x), to_dense(m)(x), atol=1e-5)
 
 
 def test_whitened_refinement_beats_plain_svd_refinement_on_layer_outputs(dense, calib):
