@@ -20,16 +20,9 @@ from masa_vit.matrix_pca import kl_group_starts, layer_kl_drift, matrix_pca
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=6, num_heads=4, num_classes=5)
 
+# tiny problems: one torch thread (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_torch_thread():
-    # tiny problems: a second thread only adds synchronization, and stalls badly when the other core is busy
-    # (measured: 0.02 s -> 3.7 s for one joint refinement test with 2 threads beside another process)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _shared_structure_vit(seed=0, noise=0.3, **overrides):
     """A tiny dense ViT whose attention weights share structure across blocks (as trained ViTs partly do)."""

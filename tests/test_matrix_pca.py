@@ -10,16 +10,9 @@ from masa_vit.matrix_pca import (
     whitened_lowrank, whitened_residual_spectrum, whitened_svd,
 )
 
+# tiny problems: one torch thread (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_torch_thread():
-    # tiny problems: a second thread only adds synchronization, and stalls badly when the other core is busy
-    # (measured: 0.02 s -> 3.7 s for one joint refinement test with 2 threads beside another process)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _correlated_stack(num_layers=8, out=24, inp=16, noise=0.1, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
