@@ -485,19 +485,16 @@ def main(argv=None):
     # how much the blocks share: energy of each projection's weights captured by S Matrix PCA atoms (one group)
     depth = len(dense.blocks)
     sd = dense.state_dict()
-    share_lines = []
-    for kind, key, rows in (('q', 'qkv', 0), ('k', 'qkv', 1), ('v', 'qkv', 2), ('o', 'proj', 0)):
-        d = dense.embed_dim
-        stack = torch.stack([sd[f'blocks.{i}.attn.{key}.weight'][rows * d:(rows + 1) * d] for i in range(depth)])
-        eig = matrix_pca_spectrum(stack)
-        frac = (eig.cumsum(0) / eig.sum()).tolist()
-        share_lines.append(f"| {kind} | " + ' | '.join(f'{100 * frac[s - 1]:.1f}' for s in (1, depth // 3, depth // 2))
-                           + ' |')
+    d = dense.embed_dim
+    counts = sorted({s for s in (1, 2, 3, depth // 3, depth // 2) if 1 <= s <= depth})
+    stacks = [(kind, torch.stack([sd[f'blocks.{i}.attn.{key}.weight'][rows * d:(rows + 1) * d] for i in range(depth)]))
+              for kind, key, rows in (('q', 'qkv', 0), ('k', 'qkv', 1), ('v', 'qkv', 2), ('o', 'proj', 0))]
     share_table = '\n'.join([
         f'Energy of the dense attention weights captured by S Matrix PCA atoms (%, one group of {depth} blocks; '
         f'blocks that share nothing give 100 S / {depth}):', '',
-        f'| proj | S=1 | S={depth // 3} | S={depth // 2} |', '|---|---:|---:|---:|'] + share_lines
-        + [f'| (no sharing) | {100 / depth:.1f} | {100 * (depth // 3) / depth:.1f} | {100 * (depth // 2) / depth:.1f} |'])
+        '| proj | ' + ' | '.join(f'S={s}' for s in counts) + ' |', '|---|' + '---:|' * len(counts)]
+        + _energy_rows(stacks, counts)
+        + ['| (no sharing) | ' + ' | '.join(f'{100 * s / depth:.1f}' for s in counts) + ' |'])
     results = []
 
     def run(name, budget, fn):
