@@ -138,12 +138,16 @@ def _correlated_inputs(tokens=2048, dim=32, seed=0):
 def test_cholesky_factor_and_damping():
     x = _correlated_inputs()
     xtx = input_autocorrelation(x)
-    chol = cholesky_factor(xtx)
+    chol = cholesky_factor(xtx, ridge=0)
     assert torch.allclose(chol @ chol.T, xtx, rtol=1e-8, atol=1e-8 * xtx.diagonal().mean().item())
+    # the default adds a ridge of 1e-6 x the mean diagonal, and nothing else
+    chol = cholesky_factor(xtx)
+    ridge = 1e-6 * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=xtx.dtype)
+    assert torch.allclose(chol @ chol.T, xtx + ridge, rtol=1e-8, atol=1e-8 * xtx.diagonal().mean().item())
     # fewer tokens than features: singular, needs damping
     few = x[:8]
     xtx_few = input_autocorrelation(few)
-    chol = cholesky_factor(xtx_few)
+    chol = cholesky_factor(xtx_few, ridge=0)
     assert torch.isfinite(chol).all()
     shift = (chol @ chol.T - xtx_few).diagonal()
     assert shift.mean().item() == pytest.approx(1e-2 * xtx_few.diagonal().mean().item(), rel=1e-6)
@@ -160,14 +164,14 @@ def test_whitened_lowrank_beats_plain_svd_on_output_error():
         u, v = truncated_svd(w, rank)
         plain_out = ((w - u @ v) @ x.T).norm()
         plain_w = (w - u @ v).norm()
-        uw, vw = whitened_svd(w, xtx, rank)
+        uw, vw = whitened_svd(w, xtx, rank, chol=cholesky_factor(xtx, ridge=0))
         white_out = ((w - uw @ vw) @ x.T).norm()
         white_w = (w - uw @ vw).norm()
         assert u.shape == (48, rank) and v.shape == (rank, 32)
         assert white_out < 0.9 * plain_out  # data-aware wins on the outputs...
         assert plain_w <= white_w + 1e-9  # ...plain SVD is optimal in weight space
         # error equals the tail of the whitened spectrum
-        sv = whitened_residual_spectrum(w, cholesky_factor(xtx))
+        sv = whitened_residual_spectrum(w, cholesky_factor(xtx, ridge=0))
         assert white_out.item() == pytest.approx(sv[rank:].square().sum().sqrt().item(), rel=1e-6)
 
 
@@ -281,7 +285,7 @@ def test_error_correcting_target_turns_dense_output_fit_into_whitened_problem():
     x = torch.randn(n, inp, generator=g, dtype=torch.float64) @ torch.randn(inp, inp, generator=g, dtype=torch.float64)
     xc = x + 0.3 * torch.randn(n, inp, generator=g, dtype=torch.float64)  # the converted model's inputs
     w = torch.randn(out, inp, generator=g, dtype=torch.float64)
-    chol = cholesky_factor(xc.T @ xc)
+    chol = cholesky_factor(xc.T @ xc, ridge=0)
     t = error_correcting_target(w, x.T @ xc, chol)
     # ||W X^T - W^ Xc^T||^2 = ||(T - W^) Lc||^2 + const for every W^
     gaps = []
@@ -292,7 +296,7 @@ def test_error_correcting_target_turns_dense_output_fit_into_whitened_problem():
     # so the full-rank optimum is T, the least-squares solution of W^ Xc^T = W X^T
     assert torch.allclose(t, torch.linalg.lstsq(xc, x @ w.T).solution.T, atol=1e-8)
     # same inputs: the target is the dense weight
-    assert torch.allclose(error_correcting_target(w, x.T @ x, cholesky_factor(x.T @ x)), w, atol=1e-8)
+    assert torch.allclose(error_correcting_target(w, x.T @ x, cholesky_factor(x.T @ x, ridge=0)), w, atol=1e-8)
 
 
 def test_refit_coef_lowrank_is_optimal_in_coefficients_and_never_worse():
@@ -321,3 +325,22 @@ def test_refit_coef_lowrank_is_optimal_in_coefficients_and_never_worse():
     # no atoms: the whitened low rank of the target
     none, u2, v2 = refit_coef_lowrank(t, None, None, chol, rank)
     assert none is None and torch.allclose(u2 @ v2, torch.mm(*whitened_lowrank(t, None, rank, chol=chol)))
+
+
+def test_cholesky_ridge_bounds_error_correcting_target_after_layernorm():
+    """LayerNorm outputs sum to zero over features: Xc^T Xc is positive definite in float64 only by float32
+    rounding, and its inverse is huge along the all-ones direction. Without the ridge the sequential target
+    T = W X^T Xc C^-1 grows by orders of magnitude along a direction no token has (and a fit to it follows); with it
+    T keeps the weight's scale and the same output error on the tokens."""
+    g = torch.Generator().manual_seed(0)
+    ln = lambda t: torch.nn.functional.layer_norm(t, (32,)).double()  # noqa: E731  (a float32 model's activations)
+    h = torch.randn(500, 32, generator=g)
+    x, xc = ln(h), ln(h + 0.1 * torch.randn(500, 32, generator=g))  # dense, converted inputs
+    w = torch.randn(24, 32, generator=g, dtype=torch.float64) * 0.1
+    fits = {}
+    for ridge in (0, 1e-6):
+        t = error_correcting_target(w, x.T @ xc, cholesky_factor(xc.T @ xc, ridge=ridge))
+        fits[ridge] = (float(t.abs().max()), float((t @ xc.T - w @ x.T).norm() / (w @ x.T).norm()))
+    assert fits[0][0] > 100 * float(w.abs().max())  # the failure the ridge is there for
+    assert fits[1e-6][0] < 10 * float(w.abs().max())
+    assert fits[1e-6][1] == pytest.approx(fits[0][1], rel=1e-3, abs=1e-6)
