@@ -58,16 +58,17 @@ import timm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import masa_vit  # noqa: E402  (registers the masa_vit_* models)
 from masa_vit.attention import AtomLinear  # noqa: E402
+from masa_vit.dictionary import AtomDictionary  # noqa: E402
 
 # weight compositions, counted to show that timed eval runs hit the cache (a wrapper, not a change of the model)
 _compose_calls = [0]
 _compose = AtomLinear._compose
 
 
-def _counted_compose(self):
+def _counted_compose(self, *args, **kwargs):
     if not torch.compiler.is_compiling():
         _compose_calls[0] += 1
-    return _compose(self)
+    return _compose(self, *args, **kwargs)
 
 
 AtomLinear._compose = _counted_compose
@@ -121,6 +122,9 @@ def parse_args(argv=None):
     p.add_argument('--min-run-s', type=float, default=0.5, help='each timed run repeats the step to last this long')
     p.add_argument('--control', action=argparse.BooleanOptionalAction, default=True,
                    help='eval cases also time a third arm, to_dense(MASA model): same arithmetic as the cached MASA eval')
+    p.add_argument('--per-block-arm', action='store_true',
+                   help='train cases also time a copy of the MASA model that composes its weights block by block '
+                        '(AtomDictionary.batched_compose = False): the gain of the batched composition, same run')
     p.add_argument('--compile', default='off', choices=('off', 'on', 'both'), help='torch.compile the twins')
     p.add_argument('--grad-checkpointing', action='store_true', help="timm's set_grad_checkpointing for train")
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (bf16 autocast on CUDA)")
@@ -268,6 +272,13 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
         # what this machine reports for two identical models: the resolution of every ratio in this case.
         runners['dense_copy'] = Runner(name, 'dense_copy', mode, batch_size, args, device, compiled,
                                        model=copy.deepcopy(runners['dense'].model))
+    if mode == 'train' and args.per_block_arm:
+        per_block = copy.deepcopy(runners['masa'].model)
+        for d in per_block.modules():
+            if isinstance(d, AtomDictionary):
+                d.batched_compose = False
+        runners['masa_per_block'] = Runner(name, 'masa_per_block', mode, batch_size, args, device, compiled,
+                                           model=per_block)
     arms = tuple(runners)
     compile_s = {}
     # the first call (compilation when compiled), then warm-up; calibrate iterations per run on the dense twin
@@ -325,6 +336,10 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
         res['masa_over_control'] = res['masa']['median'] / res['control']['median']
         res['masa_over_control_paired'] = statistics.median(
             [a / b for a, b in zip(times['masa'], times['control'])])
+    if 'masa_per_block' in runners:
+        res['per_block_ratio'] = res['masa_per_block']['median'] / res['dense']['median']
+        res['batched_over_per_block_paired'] = statistics.median(
+            [a / b for a, b in zip(times['masa'], times['masa_per_block'])])
     if 'dense_copy' in runners:
         res['aa_ratio'] = res['dense_copy']['median'] / res['dense']['median']
         res['aa_paired'] = statistics.median([a / b for a, b in zip(times['dense_copy'], times['dense'])])
@@ -504,9 +519,9 @@ def profile_breakdown(args, device: torch.device, steps: int = 4) -> Dict[str, A
     # label the weight composition (instrumentation of this process only; the library is untouched)
     orig_compose = AtomLinear._compose
 
-    def labelled_compose(self):
+    def labelled_compose(self, *args, **kwargs):
         with record_function('masa::compose'):
-            return orig_compose(self)
+            return orig_compose(self, *args, **kwargs)
 
     AtomLinear._compose = labelled_compose
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
@@ -549,7 +564,7 @@ def profile_breakdown(args, device: torch.device, steps: int = 4) -> Dict[str, A
     res['compose_fwd_ms'] = labels['masa'].get('masa::compose', 0.0)
     res['adamw_ms'] = {s: labels[s].get('Optimizer.step#AdamW.step', 0.0) for s in labels}
     comp_bwd = ('BmmBackward0', 'CatBackward0', 'SqueezeBackward1', 'UnsqueezeBackward0', 'SelectBackward0',
-                'SliceBackward0')
+                'SliceBackward0', 'ComposeBlockMajorBackward', 'SplitWithSizesBackward0')
     res['compose_bwd_nodes_ms'] = {
         s: sum(v[0] for k, v in per_op[s].items() if any(k.endswith(n) for n in comp_bwd)) for s in per_op}
 
@@ -559,7 +574,7 @@ def profile_breakdown(args, device: torch.device, steps: int = 4) -> Dict[str, A
     grads = [torch.randn(l.out_features, l.in_features, device=device) for l in layers]
 
     def recon():
-        ws = [l._compose() for l in layers]
+        ws = [l._compose(batched=True) for l in layers]
         torch.autograd.backward(ws, grads)
         m.zero_grad(set_to_none=True)
         _sync(device)
@@ -677,6 +692,16 @@ def to_markdown(results: Dict[str, Any]) -> str:
                 lines.append(f"| {r['model']} | {r['batch_size']} | {aa} | {r['control_ratio']:.3f} | "
                              f"{r['masa_over_control']:.3f} | {r['masa_over_control_paired']:.3f} | "
                              f"{r.get('compose_calls', '-')} |")
+        pb = [r for r in results['speed'] if 'per_block_ratio' in r]
+        if pb:
+            lines += ['', 'Per-block arm (`--per-block-arm`): a copy of the MASA model that composes each block\'s '
+                      'weights in its own forward (AtomDictionary.batched_compose = False), timed in the same '
+                      'interleaving. batched / per-block paired < 1: the batched composition is faster.', '',
+                      '| model | batch | MASA batched / dense | MASA per-block / dense | batched / per-block paired |',
+                      '|---|---|---|---|---|']
+            for r in pb:
+                lines.append(f"| {r['model']} | {r['batch_size']} | {r['ratio']:.3f} | {r['per_block_ratio']:.3f} | "
+                             f"{r['batched_over_per_block_paired']:.3f} |")
         train = [r for r in results['speed'] if r['mode'] == 'train' and 'parts' in r['dense']]
         if train:
             lines += ['', 'Training step split (median ms per step: forward + loss / backward / AdamW step):', '',

@@ -11,6 +11,9 @@ which is either
 optionally plus a per-block low-rank term U V (the local refinement of a converted model, or the low-rank baseline).
 Biases always stay per block.
 
+Training: in forward passes that autograd records, the dictionary composes the shared weights of all its blocks at
+once and each layer takes its slice (`AtomDictionary.weight(..., batched=True)`).
+
 Zero-overhead inference: in eval mode with gradients disabled, the composed weight is built once and reused until a
 parameter it depends on changes (tracked by tensor version counters and storage), the layer returns to train mode,
 or `clear_cache()` is called.
@@ -22,26 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import trunc_normal_
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import dictionary as _dictionary
 from .dictionary import AtomDictionary
 
 __all__ = ['AtomLinear', 'GroupedQueryAttention', 'PART_BASES']
 
 PART_BASES = ('own', 'shared', 'none')
-
-
-# Optimizer steps counted process-wide: fused optimizers (e.g. AdamW(fused=True)) update parameters without bumping
-# their version counters, so the eval cache also keys on this count.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
 
 _is_fx_symbolic_tracing = getattr(
     torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
@@ -108,6 +98,9 @@ class AtomLinear(nn.Module):
             self.lowrank[f'{p}_v'] = nn.Parameter(torch.zeros(r, in_features, **dd))
         self.lowrank_ranks = dict(lowrank)
         self._segments = self._build_segments()
+        for base, lo, hi, _ in self._segments:
+            if base == 'shared':
+                dictionary.register_use(block, lo, hi)
         self._cache: Optional[Tuple[List[torch.Tensor], int, List[Tuple[int, int]], torch.Tensor]] = None
         self.init_weights()
 
@@ -156,19 +149,20 @@ class AtomLinear(nn.Module):
                 trunc_normal_(u, std=std)
                 nn.init.zeros_(v)
 
-    def _compose(self) -> torch.Tensor:
+    def _compose(self, batched: bool = False) -> torch.Tensor:
         # compose in the parameters' dtype, outside any autocast region: the result is the weight a dense layer would
         # hold, and F.linear casts it for autocast exactly as it casts a dense weight
         with torch.autocast(self._dependencies()[0].device.type, enabled=False):
-            return self._compose_parts()
+            return self._compose_parts(batched)
 
-    def _compose_parts(self) -> torch.Tensor:
+    def _compose_parts(self, batched: bool = False) -> torch.Tensor:
         pieces = []
         for base, lo, hi, lr in self._segments:
             if base == 'own':
                 w = self.weight[lo:hi]
             elif base == 'shared':
-                w = self.dictionary.weight(self.block, lo, hi)
+                # batched: in autograd-recorded forward passes, the dictionary composes all blocks at once
+                w = self.dictionary.weight(self.block, lo, hi, batched=batched)
             else:
                 w = None
             if lr is not None:
@@ -195,18 +189,18 @@ class AtomLinear(nn.Module):
 
     def _weight(self, tracing: bool) -> torch.Tensor:
         if self.training or torch.is_grad_enabled() or tracing:
-            return self._compose()
+            return self._compose(batched=not tracing)
         cache = self._cache
         if cache is not None:
             deps, steps, key, weight = cache
             # valid while no optimizer stepped and no tensor was modified in place (version counter) or swapped
             # (.to(), .data = ...)
-            if steps == _optimizer_steps and all(
+            if steps == _dictionary._optimizer_steps and all(
                     t._version == v and t.data_ptr() == p for t, (v, p) in zip(deps, key)):
                 return weight
         deps = self._dependencies()
         weight = self._compose().contiguous()
-        self._cache = (deps, _optimizer_steps, [(t._version, t.data_ptr()) for t in deps], weight)
+        self._cache = (deps, _dictionary._optimizer_steps, [(t._version, t.data_ptr()) for t in deps], weight)
         return weight
 
     @property

@@ -17,19 +17,76 @@ Coefficient parameterizations (`coef`):
       coefficients by a small MLP shared by all blocks of the group (an implicit regularizer). `fold()` replaces it
       by the fixed coefficient tensor it produces, so that inference has no extra cost.
     * 'select': no coefficients: block l uses atom `assign[l]` alone (sequential / cycle weight sharing baselines).
+
+Batched composition: in forward passes that autograd records, `weight(..., batched=True)` composes the weights of all
+blocks at once (one GEMM per kind) and hands each block a contiguous slice, so that the backward pass accumulates the
+atoms' gradient once per kind instead of once per block (see `AtomDictionary.weight`).
 """
 import math
-from typing import Optional, Sequence
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import trunc_normal_
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ['AtomDictionary', 'COEF_MODES']
 
 COEF_MODES = ('direct', 'mlp', 'select')
+
+# Optimizer steps counted process-wide: fused optimizers (e.g. AdamW(fused=True)) update parameters without bumping
+# their version counters, so the weight caches (here and in AtomLinear's eval cache) also key on this count.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+class _ComposeBlockMajor(torch.autograd.Function):
+    """W[l, p] = C[p, l] @ A[p] for every block l and kind p, written block-major: (L, P, out * in).
+
+    Block-major rows make every block's weights one contiguous slice of the result. The backward is one GEMM per kind
+    for the atoms and one for the coefficients, however many blocks there are.
+    """
+
+    @staticmethod
+    def forward(ctx, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:  # (P, L, S), (P, S, out * in)
+        num_kinds, num_blocks, _ = coef.shape
+        out = atoms.new_empty(num_blocks, num_kinds, atoms.shape[-1])
+        for p in range(num_kinds):
+            torch.mm(coef[p], atoms[p], out=out[:, p])
+        ctx.save_for_backward(coef, atoms)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        coef, atoms = ctx.saved_tensors
+        kinds = range(coef.shape[0])
+        grad_coef = grad_atoms = None
+        if ctx.needs_input_grad[0]:
+            grad_coef = torch.stack([grad[:, p] @ atoms[p].T for p in kinds])
+        if ctx.needs_input_grad[1]:
+            grad_atoms = torch.stack([coef[p].T @ grad[:, p] for p in kinds])
+        return grad_coef, grad_atoms
+
+
+def _identity(t):
+    return t
+
+
+def _release_composed(ref: 'weakref.ref', token: object) -> None:
+    """Backward went through a batched composition: its graph is spent, so the next forward composes again."""
+    d = ref()
+    if d is not None and d._composed is not None and d._composed[-1] is token:
+        d._composed = None
 
 
 class CoefficientMlp(nn.Module):
@@ -75,6 +132,8 @@ class AtomDictionary(nn.Module):
         coef_hidden_dim: Hidden width for coef='mlp'.
     """
 
+    batched_compose: bool = True  # compose all blocks at once in training (see `weight`); False: block by block
+
     def __init__(
             self,
             kinds: Sequence[str],
@@ -104,6 +163,8 @@ class AtomDictionary(nn.Module):
         self.in_features = in_features
         self.common = common
         self.coef_mode = coef
+        self._uses = set()  # (block, start, stop) requested by the blocks' layers (see `weight`)
+        self._composed = None
 
         num_sets = 1 if common else self.num_kinds
         self.atoms = nn.Parameter(torch.empty(num_sets, num_atoms, out_features, in_features, **dd))
@@ -159,8 +220,101 @@ class AtomDictionary(nn.Module):
         onehot = F.one_hot(assign, self.num_atoms).to(self.atoms.dtype)
         return onehot.unsqueeze(0).expand(self.num_kinds, -1, -1)
 
-    def weight(self, block: int, start: int, stop: int) -> torch.Tensor:
-        """Compose the weights of kinds [start, stop) of `block`, stacked on rows: ((stop - start) * out, in)."""
+    def register_use(self, block: int, start: int, stop: int) -> None:
+        """Declare that a layer asks for kinds [start, stop) of `block` (called by the layers that use the atoms).
+
+        When the declared uses tile every (block, kind) exactly once, `weight(..., batched=True)` composes all blocks
+        at once.
+        """
+        self._uses.add((block, start, stop))
+        self._composed = None
+
+    def _split_plan(self) -> Optional[List[Tuple[int, int, int]]]:
+        """The declared uses in block-major row order, if they tile the (L * P) composed rows exactly once."""
+        uses = sorted(self._uses, key=lambda u: (u[0] * self.num_kinds + u[1], u[2]))
+        row = 0
+        for block, start, stop in uses:
+            if block * self.num_kinds + start != row or not start < stop <= self.num_kinds:
+                return None
+            row += stop - start
+        return uses if row == self.num_blocks * self.num_kinds else None
+
+    def _dependencies(self) -> List[torch.Tensor]:
+        deps = list(self._parameters.values())
+        mlp = self._modules.get('coef_mlp')
+        if mlp is not None:
+            deps.extend(mlp.parameters())
+        return deps
+
+    def _compose_all(self) -> Optional[Dict[Tuple[int, int, int], torch.Tensor]]:
+        """Every declared use's weight from one batched composition, reused until the weights change.
+
+        Valid while no optimizer stepped, no dependency was modified in place or swapped, and no backward pass went
+        through it (its graph is then spent). Non-reentrant gradient checkpointing re-runs the blocks inside the
+        backward pass and gets the same tensors back, so nothing is composed twice.
+        """
+        cached = self._composed
+        if cached is not None:
+            deps, steps, key, composed, _ = cached
+            if steps == _optimizer_steps and all(
+                    t._version == v and t.data_ptr() == p for t, (v, p) in zip(deps, key)):
+                return composed
+            self._composed = None
+        plan = self._split_plan()
+        if plan is None:
+            return None
+        # The first block composes for all, possibly inside a non-reentrant checkpointed region whose recomputation
+        # will not compose again: identity saved-tensor hooks keep this composition's saved tensors out of the
+        # checkpoint's bookkeeping (it would find a different number of tensors saved in the recomputation).
+        with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+            coef = self.coefficients()
+            if self.common:
+                w = torch.matmul(coef.transpose(0, 1), self.atoms[0].flatten(1))  # (L, P, S) @ (S, out * in)
+            else:
+                w = _ComposeBlockMajor.apply(coef, self.atoms.flatten(2))  # (L, P, out * in)
+        rows = w.view(self.num_blocks * self.num_kinds, -1).split([stop - start for _, start, stop in plan])
+        composed = {
+            use: r.view((use[2] - use[1]) * self.out_features, self.in_features) for use, r in zip(plan, rows)}
+        token = object()  # the hook must not hold the composed tensors (a cycle through them would delay their release)
+        if w.requires_grad:
+            w.register_hook(lambda grad, ref=weakref.ref(self), t=token: _release_composed(ref, t))
+        deps = self._dependencies()
+        self._composed = (deps, _optimizer_steps, [(t._version, t.data_ptr()) for t in deps], composed, token)
+        return composed
+
+    def clear_cache(self) -> None:
+        self._composed = None
+
+    def train(self, mode: bool = True):
+        self._composed = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._composed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._composed = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_composed'] = None  # never pickle or deep-copy composed weights (non-leaf tensors of a graph)
+        return state
+
+    def weight(self, block: int, start: int, stop: int, batched: bool = False) -> torch.Tensor:
+        """Compose the weights of kinds [start, stop) of `block`, stacked on rows: ((stop - start) * out, in).
+
+        With `batched` (layers pass it in autograd-recorded forward passes, not under tracing or compiling), the
+        weights of all blocks are composed at once and each block gets its contiguous slice: the backward pass then
+        accumulates the atoms' gradient in one GEMM per kind instead of once per block.
+        """
+        if batched and self.batched_compose and self.coef_mode != 'select' and torch.is_grad_enabled():
+            composed = self._compose_all()
+            if composed is not None:
+                w = composed.get((block, start, stop))
+                if w is not None:
+                    return w
         n = stop - start
         if self.coef_mode == 'select':
             a = self.assign[block]

@@ -364,9 +364,9 @@ class MasaVisionTransformer(VisionTransformer):
         return self
 
     def clear_cache(self) -> None:
-        """Drop the cached eval-mode weights (they are rebuilt on the next eval forward)."""
+        """Drop the cached eval-mode weights and the dictionaries' batched compositions (rebuilt when needed)."""
         for m in self.modules():
-            if isinstance(m, AtomLinear):
+            if isinstance(m, (AtomLinear, AtomDictionary)):
                 m.clear_cache()
 
 

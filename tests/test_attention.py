@@ -79,9 +79,9 @@ class TestEvalCache:
             cached = qkv.cached_weight
             out2 = m(x)
             assert qkv.cached_weight is cached  # reused, not rebuilt
-        uncached = m(x)  # grad enabled: never cached
+        uncached = m(x)  # grad enabled: never cached (all blocks composed in one batched GEMM: rounding may differ)
         torch.testing.assert_close(out1, out2, rtol=0, atol=0)
-        torch.testing.assert_close(out1, uncached.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(out1, uncached.detach(), rtol=1e-5, atol=1e-6)
         assert uncached.requires_grad
 
     def test_invalidated_by_optimizer_step(self, tiny_kwargs):

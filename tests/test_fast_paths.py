@@ -66,6 +66,114 @@ def test_grad_checkpointing_same_outputs_and_grads(opts, tiny_kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Batched composition: in autograd-recorded forward passes each dictionary composes all its blocks at once
+# ---------------------------------------------------------------------------------------------------------------
+
+BATCHED_VARIANTS = [dict(), dict(coef='mlp'), dict(dictionary='common'), dict(groups=2), dict(refine_rank=2),
+                    dict(share='qkv'), dict(share='qkvo+mlp'), dict(sharing='cycle')]
+
+
+def _grads(m, loss_fn):
+    m.zero_grad(set_to_none=True)
+    loss_fn(m).backward()
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _per_block_copy(m):
+    ref = copy.deepcopy(m)
+    for d in ref.modules():
+        if isinstance(d, masa_vit.AtomDictionary):
+            d.batched_compose = False
+    return ref
+
+
+@pytest.mark.parametrize('opts', BATCHED_VARIANTS, ids=_id)
+def test_batched_composition_matches_per_block(opts, tiny_kwargs):
+    """Same outputs and gradients as composing each block's weight in its own forward (to float rounding: one GEMM
+    over all blocks instead of one per block)."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs, **opts)
+    ref = _per_block_copy(m)
+    x = torch.randn(3, 3, 32, 32)
+    loss = lambda model: model(x).logsumexp(-1).mean()  # noqa: E731
+    g, g_ref = _grads(m, loss), _grads(ref, loss)
+    assert set(g) == set(g_ref) == {n for n, _ in m.named_parameters()}
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], atol=1e-6, rtol=1e-5, msg=n)
+    torch.testing.assert_close(m(x), ref(x), atol=1e-6, rtol=1e-5)
+
+
+def _count_compositions(monkeypatch):
+    from masa_vit import dictionary
+    calls = [0]
+    forward = dictionary._ComposeBlockMajor.forward
+
+    def counted(ctx, *args):
+        calls[0] += 1
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(dictionary._ComposeBlockMajor, 'forward', staticmethod(counted))
+    return calls
+
+
+@pytest.mark.parametrize('ckpt', [False, True], ids=['plain', 'grad_checkpointing'])
+def test_batched_composition_once_per_step_and_released(ckpt, monkeypatch, tiny_kwargs):
+    """One composition per dictionary per training step, also under gradient checkpointing (the recomputed blocks
+    reuse it); the backward pass releases it, and an optimizer step invalidates it."""
+    calls = _count_compositions(monkeypatch)
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs, groups=2)
+    m.set_grad_checkpointing(ckpt)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    x = torch.randn(2, 3, 32, 32)
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        m(x).logsumexp(-1).mean().backward()
+        assert calls[0] == 2 * (step + 1)  # two groups: two dictionaries
+        assert all(d._composed is None for d in m.dictionaries)  # released by the backward pass
+        opt.step()
+    out = m(x)
+    assert calls[0] == 6 and all(d._composed is not None for d in m.dictionaries)
+    torch.testing.assert_close(m(x), out, rtol=0, atol=0)
+    assert calls[0] == 6  # no backward and no change: reused
+    opt.zero_grad(set_to_none=True)
+    opt.step()  # no gradients: parameters unchanged, but the step count invalidates (fused optimizers bump nothing)
+    torch.testing.assert_close(m(x), out, rtol=0, atol=0)
+    assert calls[0] == 8
+
+
+def test_batched_composition_two_forwards_accumulation_reentrant_deepcopy(tiny_kwargs):
+    """Two forwards sharing one composition, gradient accumulation over two backward passes (the second forward
+    composes again: the first graph is spent), reentrant checkpointing, and a deep copy (timm's ModelEmaV3) taken
+    while a composition is alive."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    ref = _grads(m, lambda model: model(x).square().mean())
+    twice = _grads(m, lambda model: model(x).square().mean() + model(x).square().mean())
+    m.zero_grad(set_to_none=True)
+    for _ in range(2):
+        m(x).square().mean().backward()
+    accumulated = {n: p.grad for n, p in m.named_parameters()}
+
+    def reentrant(model):
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for blk in model.blocks:
+            h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=True)
+        return model.forward_head(model.norm(h)).square().mean()
+
+    g_reentrant = _grads(m, reentrant)
+    for n in ref:
+        torch.testing.assert_close(twice[n], 2 * ref[n], msg=n)
+        torch.testing.assert_close(accumulated[n], 2 * ref[n], msg=n)
+        torch.testing.assert_close(g_reentrant[n], ref[n], atol=1e-6, rtol=1e-5, msg=n)
+    out = m(x)  # a composition is alive (no backward yet)
+    ema = ModelEmaV3(m)
+    assert all(d._composed is None for d in ema.module.dictionaries)
+    torch.testing.assert_close(ema.module(x), out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # DDP (gloo, 2 processes on CPU): shared atoms get the same gradients as one process on the whole batch
 # ---------------------------------------------------------------------------------------------------------------
 
