@@ -249,15 +249,17 @@ class AtomDictionary(nn.Module):
     def _compose_all(self) -> Optional[Dict[Tuple[int, int, int], torch.Tensor]]:
         """Every declared use's weight from one batched composition, reused until the weights change.
 
-        Valid while no optimizer stepped, no dependency was modified in place or swapped, and no backward pass went
-        through it (its graph is then spent). Non-reentrant gradient checkpointing re-runs the blocks inside the
-        backward pass and gets the same tensors back, so nothing is composed twice.
+        Valid while no optimizer stepped, no dependency was modified in place, swapped or had its requires_grad
+        changed, and no backward pass went through it (its graph is then spent). Non-reentrant gradient checkpointing
+        re-runs the blocks inside the backward pass and gets the same tensors back, so nothing is composed twice.
         """
         cached = self._composed
+        deps = self._dependencies()  # looked up again: torch.func.functional_call swaps the parameters themselves
         if cached is not None:
-            deps, steps, key, composed, _ = cached
-            if steps == _optimizer_steps and all(
-                    t._version == v and t.data_ptr() == p for t, (v, p) in zip(deps, key)):
+            cached_deps, steps, key, composed, _ = cached
+            if steps == _optimizer_steps and len(deps) == len(cached_deps) and all(
+                    t is c and t._version == v and t.data_ptr() == p and t.requires_grad == g
+                    for t, c, (v, p, g) in zip(deps, cached_deps, key)):
                 return composed
             self._composed = None
         plan = self._split_plan()
@@ -278,8 +280,8 @@ class AtomDictionary(nn.Module):
         token = object()  # the hook must not hold the composed tensors (a cycle through them would delay their release)
         if w.requires_grad:
             w.register_hook(lambda grad, ref=weakref.ref(self), t=token: _release_composed(ref, t))
-        deps = self._dependencies()
-        self._composed = (deps, _optimizer_steps, [(t._version, t.data_ptr()) for t in deps], composed, token)
+        key = [(t._version, t.data_ptr(), t.requires_grad) for t in deps]
+        self._composed = (deps, _optimizer_steps, key, composed, token)
         return composed
 
     def clear_cache(self) -> None:

@@ -173,6 +173,30 @@ def test_batched_composition_two_forwards_accumulation_reentrant_deepcopy(tiny_k
     torch.testing.assert_close(ema.module(x), out)
 
 
+def test_batched_composition_follows_requires_grad_and_functional_call(tiny_kwargs):
+    """A composition made while the atoms were frozen carries no graph: unfreezing must compose again, or the atoms
+    would get no gradient. torch.func.functional_call swaps the parameters: the swapped-in values must be used."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **tiny_kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    for p in m.dictionaries.parameters():
+        p.requires_grad_(False)
+    m(x).sum().backward()
+    for p in m.dictionaries.parameters():
+        p.requires_grad_(True)
+    m(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.dictionaries.parameters())
+    out = m(x)  # a live composition of the real parameters
+    params = {n: p.detach() * 0.5 if n.startswith('dictionaries') else p for n, p in m.named_parameters()}
+    swapped = torch.func.functional_call(m, params, (x,))
+    ref = _per_block_copy(m)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.copy_(params[n])
+    torch.testing.assert_close(swapped, ref(x), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(swapped, out)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DDP (gloo, 2 processes on CPU): shared atoms get the same gradients as one process on the whole batch
 # ---------------------------------------------------------------------------------------------------------------
