@@ -83,7 +83,8 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
     g = p.add_argument_group('digits model')
     g.add_argument('--epochs', type=int, default=30)
-    g.add_argument('--retrain', action='store_true', help='train even if a cached dense model exists')
+    g.add_argument('--retrain', action='store_true',
+                   help='train (or fit the --model linear probe) even if a cached one exists in --out')
     g = p.add_argument_group('your own model')
     g.add_argument('--model', default=None, help='timm ViT name (with --checkpoint and --data-dir)')
     g.add_argument('--checkpoint', default=None, help='dense checkpoint file for --model')
@@ -307,6 +308,29 @@ def load_user_setup(args):
     return headless_digits_setup(dense, args, source=args.checkpoint, name=args.model)
 
 
+def linear_probe_cached(dense: VisionTransformer, args, source: str, img_size: int, mean, std) -> Dict[str, Any]:
+    """`fit_linear_probe` on the digits train split at `img_size`, cached as a head file in `args.out` (keyed by the
+    checkpoint's file name, image size, probe images and seed; `--retrain` refits)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    stem = os.path.splitext(os.path.basename(source or 'model'))[0]
+    path = os.path.join(args.out, f'probe_{stem}_{img_size}px_n{args.probe_images or "all"}_s{args.seed}.safetensors')
+    if os.path.exists(path) and not args.retrain:
+        head = load_file(path)
+        dense.reset_classifier(head['weight'].shape[0])
+        dense.head.load_state_dict(head)
+        with safe_open(path, 'pt') as f:
+            info = dict(json.loads(f.metadata()['probe']), cached=path)
+    else:
+        xt, yt = digits_at_size('train', img_size, mean, std, limit=args.probe_images, seed=args.seed)
+        info = fit_linear_probe(dense, batches(xt, yt, args.batch_size), num_classes=10, seed=args.seed)
+        os.makedirs(args.out, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in dense.head.state_dict().items()}, path,
+                  metadata=dict(probe=json.dumps(info)))
+    _logger.info('linear probe: %s', info)
+    return info
+
+
 def headless_digits_setup(dense: VisionTransformer, args, source: str = '', name: str = ''):
     """Labelled digits at the model's input size for a pretrained timm ViT: a linear probe (when the model has no
     classifier or `args.linear_probe`), calibration batches (digits train split or sample-photo crops,
@@ -317,10 +341,7 @@ def headless_digits_setup(dense: VisionTransformer, args, source: str = '', name
     setup = dict(model=name or type(dense).__name__, source=source, img_size=img_size, mean=mean, std=std,
                  data=f'digits upsampled 32 -> {img_size} px (bilinear)')
     if dense.num_classes == 0 or args.linear_probe:
-        xt, yt = digits_at_size('train', img_size, mean, std, limit=args.probe_images, seed=args.seed)
-        setup['probe'] = fit_linear_probe(dense, batches(xt, yt, bs), num_classes=10, seed=args.seed)
-        _logger.info('linear probe: %s', setup['probe'])
-        del xt, yt
+        setup['probe'] = linear_probe_cached(dense, args, source, img_size, mean, std)
     if args.calib_source == 'natural':
         calib = batches(natural_crops(args.calib_images, img_size, mean, std, seed=args.seed + 1), None, bs)
     else:

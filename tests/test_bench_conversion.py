@@ -39,9 +39,9 @@ def _headless(img_size=28):
     return model
 
 
-def _args(**kw):
+def _args(out, **kw):
     args = dict(batch_size=64, probe_images=200, calib_images=16, eval_images=40, calib_source='digits',
-                linear_probe=False, seed=0)
+                linear_probe=False, seed=0, out=str(out), retrain=False)
     args.update(kw)
     return argparse.Namespace(**args)
 
@@ -75,12 +75,14 @@ def test_linear_probe_is_sklearns_classifier(bench):
     assert info['train_top1'] == pytest.approx(clf.score(((f - mu) / sigma).numpy(), y.numpy()), abs=1e-2)
 
 
-def test_headless_setup_then_conversion_and_metrics(bench):
-    """Probe installed on the dense model before conversion, so the converted models share it; the evaluator
-    reports the logits metrics and the feature fidelity on digits and on natural crops."""
+def test_headless_setup_then_conversion_and_metrics(bench, tmp_path):
+    """Probe installed on the dense model before conversion, so the converted models share it (and cached in the
+    output folder); the evaluator reports the logits metrics and the feature fidelity on digits and natural crops."""
     dense = _headless()
-    dense, calib, val, setup = bench.headless_digits_setup(dense, _args())
+    dense, calib, val, setup = bench.headless_digits_setup(dense, _args(tmp_path))
     assert setup['probe']['train_images'] == 200 and setup['eval_images'] == 40
+    again = bench.headless_digits_setup(_headless(), _args(tmp_path))
+    assert torch.equal(again[0].head.weight, dense.head.weight) and again[3]['probe']['cached']
     assert sum(len(b[0]) for b in calib) == 16 and calib[0][0].shape[-1] == 28
     natural = bench.batches(bench.natural_crops(4, 28, setup['mean'], setup['std']), None, 64)
     evaluator = bench.Evaluator(dense, val, natural)
@@ -95,9 +97,9 @@ def test_headless_setup_then_conversion_and_metrics(bench):
         assert -1 <= ev['feat_cos'] <= 1 + 1e-9 and ev['feat_rel_l2'] >= 0
 
 
-def test_natural_calibration_and_row_selection(bench):
+def test_natural_calibration_and_row_selection(bench, tmp_path):
     dense = _headless()
-    _, calib, _, setup = bench.headless_digits_setup(dense, _args(calib_source='natural', probe_images=100))
+    _, calib, _, setup = bench.headless_digits_setup(dense, _args(tmp_path, calib_source='natural', probe_images=100))
     assert isinstance(calib[0], torch.Tensor) and calib[0].shape == (16, 3, 28, 28)
     assert setup['calib'] == '16 natural images'
     args = bench.parse_args(['--rows', 'svd', 'mpca_refine_seq'])
