@@ -95,9 +95,9 @@ def parse_args(argv=None):
     g.add_argument('--linear-probe', action='store_true',
                    help='fit a linear head on the dense features first (automatic when the model has num_classes=0)')
     g.add_argument('--probe-images', type=int, default=None, help='cap on digits train images for the probe')
-    g.add_argument('--calib-source', default='digits', choices=('digits', 'natural'),
-                   help='calibration images for --model without --data-dir: the digits train split (as the probe) '
-                        'or random crops of the sample photos')
+    g.add_argument('--calib-source', default='digits', choices=('digits', 'natural', 'mixed'),
+                   help='calibration images for --model without --data-dir: the digits train split (as the probe), '
+                        'random crops of the sample photos, or half and half')
     p.add_argument('--natural-crops', type=int, default=64,
                    help='random crops of the sample photos for the feature-fidelity columns (0: none)')
     p.add_argument('--rows', nargs='+', default=None, choices=ROW_KEYS,
@@ -342,8 +342,13 @@ def headless_digits_setup(dense: VisionTransformer, args, source: str = '', name
                  data=f'digits upsampled 32 -> {img_size} px (bilinear)')
     if dense.num_classes == 0 or args.linear_probe:
         setup['probe'] = linear_probe_cached(dense, args, source, img_size, mean, std)
+    # calibration crops use another seed than the evaluation crops (but the same two photos)
     if args.calib_source == 'natural':
         calib = batches(natural_crops(args.calib_images, img_size, mean, std, seed=args.seed + 1), None, bs)
+    elif args.calib_source == 'mixed':
+        half = args.calib_images // 2
+        xc, _ = digits_at_size('train', img_size, mean, std, limit=args.calib_images - half, seed=args.seed)
+        calib = batches(torch.cat([xc, natural_crops(half, img_size, mean, std, seed=args.seed + 1)]), None, bs)
     else:
         xc, yc = digits_at_size('train', img_size, mean, std, limit=args.calib_images, seed=args.seed)
         calib = batches(xc, yc, bs)

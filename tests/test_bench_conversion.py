@@ -102,6 +102,8 @@ def test_natural_calibration_and_row_selection(bench, tmp_path):
     _, calib, _, setup = bench.headless_digits_setup(dense, _args(tmp_path, calib_source='natural', probe_images=100))
     assert isinstance(calib[0], torch.Tensor) and calib[0].shape == (16, 3, 28, 28)
     assert setup['calib'] == '16 natural images'
+    _, calib, _, setup = bench.headless_digits_setup(dense, _args(tmp_path, calib_source='mixed', probe_images=100))
+    assert len(calib) == 1 and calib[0].shape == (16, 3, 28, 28) and setup['calib'] == '16 mixed images'
     args = bench.parse_args(['--rows', 'svd', 'mpca_refine_seq'])
     assert args.rows == ['svd', 'mpca_refine_seq']
     assert 'joint_rounds' not in bench.default_rows(bench.parse_args([]))
