@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import warnings
 
@@ -25,3 +26,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='session')
+def load_script():
+    """Import a repository script (benchmarks/, scripts/) by its path relative to the repository root."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def load(relpath):
+        name = os.path.splitext(os.path.basename(relpath))[0]
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, relpath))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

@@ -4,8 +4,6 @@ random-init timm DINOv2-shaped ViT (num_classes=0, LayerScale, patch 14). No acc
 reproducing scikit-learn's classifier.
 """
 import argparse
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -14,18 +12,13 @@ import torch
 
 from masa_vit.conversion import from_dense, svd_from_dense
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')
-def bench():
-    spec = importlib.util.spec_from_file_location(
-        'bench_conversion', os.path.join(ROOT, 'benchmarks', 'bench_conversion.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_script):
+    return load_script('benchmarks/bench_conversion.py')
 
 
 def _headless(img_size=28):

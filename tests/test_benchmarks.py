@@ -1,25 +1,14 @@
 """ Smoke tests of the speed benchmark (benchmarks/bench_speed.py): it runs end to end on a tiny case and writes
 JSON + markdown, and the timed MASA eval runs hit the weight cache. No timing is asserted (benchmarks, not tests).
 """
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location('bench_speed', os.path.join(ROOT, 'benchmarks', 'bench_speed.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope='module')
-def bench_run(tmp_path_factory):
-    bench = _load_bench()
+def bench_run(tmp_path_factory, load_script):
+    bench = load_script('benchmarks/bench_speed.py')
     out = tmp_path_factory.mktemp('bench')
     json_path, md_path = str(out / 'r.json'), str(out / 'r.md')
     try:

