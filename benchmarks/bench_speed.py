@@ -6,6 +6,11 @@ repeat, so that a drift of the machine's speed hits both alike), after warm-up. 
 number of iterations (chosen during warm-up so that a run lasts at least `--min-run-s`), reported as the time per
 iteration: median, inter-quartile range and min/max over the repeats, images/s, and the ratio MASA / dense of the
 medians (plus the median of the per-repeat paired ratios, which cancels slow drifts of a shared machine).
+Training cases on CPU run each arm in its own process by default (`--isolate`): glibc's malloc returns memory to the
+kernel and page-faults it back in at a rate that depends on everything else the process allocated, so two models
+sharing one heap change each other's step time by several percent; in separate processes each has its own heap, as a
+user's training run has. Minor page faults per step are reported for every arm; `--malloc keep` runs the isolated
+processes with glibc settings under which a warmed-up step faults nothing in (the compute-only comparison).
 
     train   one optimizer step: zero_grad, forward, cross-entropy, backward, AdamW step (broken into fwd/bwd/opt)
     eval    one forward in eval mode under torch.no_grad() (the MASA eval cache is on: same arithmetic as dense)
@@ -125,6 +130,16 @@ def parse_args(argv=None):
     p.add_argument('--per-block-arm', action='store_true',
                    help='train cases also time a copy of the MASA model that composes its weights block by block '
                         '(AtomDictionary.batched_compose = False): the gain of the batched composition, same run')
+    p.add_argument('--isolate', action=argparse.BooleanOptionalAction, default=None,
+                   help="time each arm in its own process (its own heap, as a user's training run has; the parent "
+                        "alternates them run by run); default: on for train cases on CPU, where glibc's page "
+                        "faults depend on what else the process allocated")
+    p.add_argument('--malloc', default='default', choices=sorted(_MALLOC_ENV),
+                   help="glibc malloc of the isolated timing processes: 'default', or 'keep' (no mmap'd buffers, "
+                        "no trimming: after warm-up no step page-faults fresh memory in)")
+    p.add_argument('--aa-arm', action='store_true',
+                   help='train cases also time the dense twin a second time (A/A: two identical models; their ratio '
+                        'is what the machine reports when there is no difference)')
     p.add_argument('--compile', default='off', choices=('off', 'on', 'both'), help='torch.compile the twins')
     p.add_argument('--grad-checkpointing', action='store_true', help="timm's set_grad_checkpointing for train")
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (bf16 autocast on CUDA)")
@@ -148,6 +163,7 @@ def parse_args(argv=None):
                    help='name in the markers <!-- bench_speed:NAME:begin/end --> of the file given to --markdown')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--memory-worker', default=None, help=argparse.SUPPRESS)  # internal: JSON spec of one worker
+    p.add_argument('--timing-worker', default=None, help=argparse.SUPPRESS)  # internal: JSON spec of one arm
     return p.parse_args(argv)
 
 
@@ -205,6 +221,19 @@ class Runner:
             self.model.eval()
         self.fn = torch.compile(self.model) if compiled else self.model
         self.parts = {'fwd': [], 'bwd': [], 'opt': []}  # per-iteration split of the training step
+        self.faults: List[float] = []  # minor page faults per step, one value per timed run
+
+    def first_step(self) -> float:
+        """The first call (compilation when compiled), timed."""
+        t0 = time.perf_counter()
+        self.step()
+        return time.perf_counter() - t0
+
+    def params(self) -> Dict[str, int]:
+        return masa_vit.count_params(self.model)
+
+    def close(self) -> None:
+        pass
 
     def step(self) -> None:
         if self.mode == 'train':
@@ -230,16 +259,130 @@ class Runner:
         """Time `iters` steps; returns (wall-clock, process CPU) seconds per step."""
         _sync(self.device)
         sums = [0.0, 0.0, 0.0]
+        f0 = _minor_faults()
         c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(iters):
             self.step()
             if self.mode == 'train':
                 sums = [a + b for a, b in zip(sums, self._last_parts)]
         dt, dc = (time.perf_counter() - t0) / iters, (time.process_time() - c0) / iters
+        self.faults.append((_minor_faults() - f0) / iters)
         if self.mode == 'train':
             for k, v in zip(('fwd', 'bwd', 'opt'), sums):
                 self.parts[k].append(v / iters)
         return dt, dc
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: first touches of memory the allocator got fresh from the kernel."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def build_arm(name: str, arm: str, args, device: torch.device) -> nn.Module:
+    """The model of one arm, built from the seed alone (a timing worker process must rebuild it identically).
+
+    masa: the MASA model; dense: its dense twin; control: `to_dense` of the MASA model (MASA's own weights in plain
+    nn.Linear); dense_copy: the dense twin again (A/A); masa_per_block: the MASA model composing block by block.
+    """
+    if arm in ('dense', 'dense_copy'):
+        return build_model(name, 'dense', args.model_kwargs, args.img_size, args.seed, device)
+    model = build_model(name, 'masa', args.model_kwargs, args.img_size, args.seed, device)
+    if arm == 'control':
+        return masa_vit.to_dense(model)
+    if arm == 'masa_per_block':
+        for d in model.modules():
+            if isinstance(d, AtomDictionary):
+                d.batched_compose = False
+    return model
+
+
+# glibc returns freed memory to the kernel (large buffers are their own mappings; the heap top is trimmed), and a
+# training step then page-faults its activations in again; how much depends on the history of allocations, so two
+# models differ by it. 'keep': no mmap'd buffers, no trimming: after warm-up a step touches no fresh memory (as with
+# a caching allocator such as jemalloc / tcmalloc, or CUDA's).
+_MALLOC_ENV = {
+    'default': {},
+    'keep': {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2 ** 46), 'MALLOC_TOP_PAD_': '0',
+             'GLIBC_TUNABLES': f'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2 ** 46}'},
+}
+_REPLY = '@bench_speed@ '  # prefix of a timing worker's replies on stdout (anything else printed there is skipped)
+
+
+class WorkerArm:
+    """One arm in its own process (`--isolate`): the same interface as `Runner`, driven over a pipe.
+
+    Each process has its own heap, as a user's training run has, so the allocation history of one model does not
+    change the page faults of the other; the parent still alternates the arms run by run.
+    """
+
+    def __init__(self, name, arm, mode, batch_size, args, device, compiled=False):
+        spec = dict(model=name, arm=arm, mode=mode, batch_size=batch_size, compiled=compiled, device=str(device),
+                    threads=args.threads, model_kwargs=args.model_kwargs, img_size=args.img_size, seed=args.seed,
+                    lr=args.lr, grad_checkpointing=bool(args.grad_checkpointing))
+        env = dict(os.environ, **_MALLOC_ENV[args.malloc])
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), '--timing-worker', json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.mode = mode
+        self.parts = {'fwd': [], 'bwd': [], 'opt': []}
+        self.faults: List[float] = []
+        self._params = self._call(cmd='params')['params']
+        self.compose_calls = 0
+
+    def _call(self, **msg) -> Dict[str, Any]:
+        self.proc.stdin.write(json.dumps(msg) + '\n')
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        raise RuntimeError(f'timing worker exited with status {self.proc.wait()} (its stderr is above)')
+
+    def first_step(self) -> float:
+        return self._call(cmd='first')['s']
+
+    def params(self) -> Dict[str, int]:
+        return self._params
+
+    def run(self, iters: int) -> Tuple[float, float]:
+        r = self._call(cmd='run', iters=iters)
+        if self.mode == 'train' and r['parts']:
+            for k, v in r['parts'].items():
+                self.parts[k].append(v)
+        self.faults.append(r['faults'])
+        self.compose_calls += r['compose_calls']
+        return r['wall'], r['cpu']
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self._call(cmd='quit')
+            self.proc.wait()
+
+
+def timing_worker(spec: Dict[str, Any]) -> None:
+    """Runs in its own process: build one arm, then answer the parent's commands (one JSON line each)."""
+    torch.set_num_threads(spec['threads'])
+    device = torch.device(spec['device'])
+    args = argparse.Namespace(model_kwargs=spec['model_kwargs'], img_size=spec['img_size'], seed=spec['seed'],
+                              lr=spec['lr'], grad_checkpointing=spec['grad_checkpointing'])
+    r = Runner(spec['model'], spec['arm'], spec['mode'], spec['batch_size'], args, device, spec['compiled'],
+               model=build_arm(spec['model'], spec['arm'], args, device))
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg['cmd'] == 'quit':
+            out = {}
+        elif msg['cmd'] == 'params':
+            out = dict(params=r.params())
+        elif msg['cmd'] == 'first':
+            out = dict(s=r.first_step())
+        else:
+            calls = _compose_calls[0]
+            n = len(r.parts['fwd'])
+            wall, cpu = r.run(msg['iters'])
+            out = dict(wall=wall, cpu=cpu, faults=r.faults[-1], compose_calls=_compose_calls[0] - calls,
+                       parts={k: v[-1] for k, v in r.parts.items()} if len(r.parts['fwd']) > n else None)
+        print(_REPLY + json.dumps(out), flush=True)
+        if msg['cmd'] == 'quit':
+            return
 
 
 def summarize(times: Sequence[float]) -> Dict[str, float]:
@@ -261,31 +404,34 @@ def _loadavg() -> List[float]:
 def time_case(name: str, mode: str, batch_size: int, args, device: torch.device, compiled: bool) -> Dict[str, Any]:
     """Interleaved timing of the MASA model and its dense twin for one (model, mode, batch) case."""
     load_before = _loadavg()
-    runners = {s: Runner(name, s, mode, batch_size, args, device, compiled) for s in ('masa', 'dense')}
+    arms = ['masa', 'dense']
     if mode == 'eval' and args.control:
         # control arm: the dense export of the MASA model (masa_vit.to_dense), i.e. MASA's own weights in plain
         # nn.Linear layers: the same arithmetic as MASA's cached eval by construction. MASA / control isolates the
         # cost of the mechanism (cache checks); control / dense shows what weight values and noise alone do.
-        runners['control'] = Runner(name, 'control', mode, batch_size, args, device, compiled,
-                                    model=masa_vit.to_dense(runners['masa'].model))
-        # A/A arm: a deep copy of the dense twin (same weights, same class, fresh allocations). dense copy / dense is
-        # what this machine reports for two identical models: the resolution of every ratio in this case.
-        runners['dense_copy'] = Runner(name, 'dense_copy', mode, batch_size, args, device, compiled,
-                                       model=copy.deepcopy(runners['dense'].model))
+        # A/A arm: the dense twin again (same weights, same class, fresh allocations). dense copy / dense is what this
+        # machine reports for two identical models: the resolution of every ratio in this case.
+        arms += ['control', 'dense_copy']
+    if mode == 'train' and args.aa_arm:
+        arms.append('dense_copy')  # A/A: the resolution of the training ratio on this machine
     if mode == 'train' and args.per_block_arm:
-        per_block = copy.deepcopy(runners['masa'].model)
-        for d in per_block.modules():
-            if isinstance(d, AtomDictionary):
-                d.batched_compose = False
-        runners['masa_per_block'] = Runner(name, 'masa_per_block', mode, batch_size, args, device, compiled,
-                                           model=per_block)
+        arms.append('masa_per_block')  # the per-block composition (code before the batched one), same interleaving
+    isolate = args.isolate if args.isolate is not None else (mode == 'train' and device.type == 'cpu')
+    if args.malloc != 'default' and not isolate:
+        raise SystemExit(f'--malloc {args.malloc} applies to isolated timing processes: add --isolate')
+    if isolate:
+        runners = {s: WorkerArm(name, s, mode, batch_size, args, device, compiled) for s in arms}
+    else:
+        runners = {s: Runner(name, s, mode, batch_size, args, device, compiled) for s in ('masa', 'dense')}
+        for s in arms[2:]:
+            model = (copy.deepcopy(runners['dense'].model) if s == 'dense_copy'
+                     else build_arm(name, s, args, device))
+            runners[s] = Runner(name, s, mode, batch_size, args, device, compiled, model=model)
     arms = tuple(runners)
     compile_s = {}
     # the first call (compilation when compiled), then warm-up; calibrate iterations per run on the dense twin
     for s in arms:
-        t0 = time.perf_counter()
-        runners[s].step()
-        compile_s[s] = time.perf_counter() - t0
+        compile_s[s] = runners[s].first_step()
     per_iter = []
     for _ in range(args.warmup):
         for s in arms:
@@ -310,8 +456,8 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
         iters_per_run=iters, load_before=load_before, load_after=_loadavg(),
         # eval: weight compositions during the timed runs (0 = every cached call hit; uncompiled only, compiled
         # graphs compose inside the graph)
-        compose_calls=_compose_calls[0] - composes_before,
-        params={s: masa_vit.count_params(r.model) for s, r in runners.items()},
+        compose_calls=(runners['masa'].compose_calls if isolate else _compose_calls[0] - composes_before),
+        params={s: r.params() for s, r in runners.items()}, isolated=isolate, malloc=args.malloc if isolate else 'default',
     )
     for s in arms:
         st = summarize(times[s])
@@ -319,6 +465,7 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
         st['cpu_times'] = cpu_times[s]
         st['cpu_median'] = statistics.median(cpu_times[s])
         st['images_per_s'] = batch_size / st['median']
+        st['faults_per_step'] = statistics.median(runners[s].faults)
         if mode == 'train' and device.type == 'cpu':
             st['parts'] = {k: statistics.median(v) for k, v in runners[s].parts.items()}
         if compiled:
@@ -346,7 +493,8 @@ def time_case(name: str, mode: str, batch_size: int, args, device: torch.device,
     target = TARGETS[mode]
     res['target'] = target
     res['met'] = res['ratio'] <= target
-    del runners
+    for r in runners.values():
+        r.close()
     return res
 
 
@@ -704,13 +852,28 @@ def to_markdown(results: Dict[str, Any]) -> str:
                              f"{r['batched_over_per_block_paired']:.3f} |")
         train = [r for r in results['speed'] if r['mode'] == 'train' and 'parts' in r['dense']]
         if train:
-            lines += ['', 'Training step split (median ms per step: forward + loss / backward / AdamW step):', '',
-                      '| model | batch | dense fwd | MASA fwd | dense bwd | MASA bwd | dense opt | MASA opt |',
-                      '|---|---|---|---|---|---|---|---|']
+            lines += ['', 'Training step split (median ms per step: forward + loss / backward / AdamW step; minor '
+                      'page faults per step, median: memory the allocator took fresh from the kernel; isolated: each '
+                      'arm in its own process; malloc: glibc settings of those processes):', '',
+                      '| model | batch | dense fwd | MASA fwd | dense bwd | MASA bwd | dense opt | MASA opt | '
+                      'dense faults | MASA faults | isolated | malloc |',
+                      '|---|---|---|---|---|---|---|---|---|---|---|---|']
             for r in train:
                 dp, mp = r['dense']['parts'], r['masa']['parts']
                 lines.append(f"| {r['model']} | {r['batch_size']} | {_ms(dp['fwd'])} | {_ms(mp['fwd'])} | "
-                             f"{_ms(dp['bwd'])} | {_ms(mp['bwd'])} | {_ms(dp['opt'])} | {_ms(mp['opt'])} |")
+                             f"{_ms(dp['bwd'])} | {_ms(mp['bwd'])} | {_ms(dp['opt'])} | {_ms(mp['opt'])} | "
+                             f"{r['dense'].get('faults_per_step', float('nan')):.0f} | "
+                             f"{r['masa'].get('faults_per_step', float('nan')):.0f} | "
+                             f"{'yes' if r.get('isolated') else 'no'} | {r.get('malloc', 'default')} |")
+        aa = [r for r in train if 'aa_ratio' in r]
+        if aa:
+            lines += ['', 'Training A/A arm (`--aa-arm`): the dense twin timed a second time in the same interleaving '
+                      '(two identical models: the resolution of the training ratios in this run).', '',
+                      '| model | batch | A/A ratio | A/A paired | MASA / dense | MASA / dense paired |',
+                      '|---|---|---|---|---|---|']
+            for r in aa:
+                lines.append(f"| {r['model']} | {r['batch_size']} | {r['aa_ratio']:.3f} | {r['aa_paired']:.3f} | "
+                             f"{r['ratio']:.3f} | {r['paired_ratio']['median']:.3f} |")
         comp = [r for r in results['speed'] if r['compiled']]
         if comp:
             lines += ['', 'Compile (first call) s: ' + '; '.join(
@@ -801,6 +964,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.memory_worker is not None:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
+        return
+    if args.timing_worker is not None:
+        timing_worker(json.loads(args.timing_worker))
         return
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
     preset = PRESETS[args.preset]
