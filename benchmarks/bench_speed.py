@@ -134,7 +134,7 @@ def parse_args(argv=None):
                    help="time each arm in its own process (its own heap, as a user's training run has; the parent "
                         "alternates them run by run); default: on for train cases on CPU, where glibc's page "
                         "faults depend on what else the process allocated")
-    p.add_argument('--malloc', default='default', choices=sorted(_MALLOC_ENV),
+    p.add_argument('--malloc', default='default', choices=('default', 'keep'),
                    help="glibc malloc of the isolated timing processes: 'default', or 'keep' (no mmap'd buffers, "
                         "no trimming: after warm-up no step page-faults fresh memory in)")
     p.add_argument('--aa-arm', action='store_true',
@@ -278,6 +278,20 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _worker_spec(name: str, batch_size: int, args, device: torch.device, **extra) -> Dict[str, Any]:
+    """What a worker process (timing or peak memory) needs to rebuild a case: JSON-able, passed on its command line."""
+    return dict(model=name, batch_size=batch_size, device=str(device), threads=args.threads,
+                model_kwargs=args.model_kwargs, img_size=args.img_size, seed=args.seed, lr=args.lr,
+                grad_checkpointing=bool(args.grad_checkpointing), **extra)
+
+
+def _worker_args(spec: Dict[str, Any]) -> argparse.Namespace:
+    """Sets a worker process's torch threads and returns the options `Runner` and `build_arm` read."""
+    torch.set_num_threads(spec['threads'])
+    return argparse.Namespace(model_kwargs=spec['model_kwargs'], img_size=spec['img_size'], seed=spec['seed'],
+                              lr=spec['lr'], grad_checkpointing=spec['grad_checkpointing'])
+
+
 def build_arm(name: str, arm: str, args, device: torch.device) -> nn.Module:
     """The model of one arm, built from the seed alone (a timing worker process must rebuild it identically).
 
@@ -300,8 +314,12 @@ def build_arm(name: str, arm: str, args, device: torch.device) -> nn.Module:
 # training step then page-faults its activations in again; how much depends on the history of allocations, so two
 # models differ by it. 'keep': no mmap'd buffers, no trimming: after warm-up a step touches no fresh memory (as with
 # a caching allocator such as jemalloc / tcmalloc, or CUDA's).
+# 'mmap' (peak-memory workers): glibc keeps freed chunks below its (adaptive, up to 32 MiB) mmap threshold in its
+# heap, so RSS also counts fragmentation that depends on the order of allocations; with a fixed small threshold every
+# tensor buffer is its own mapping, returned on free, and the peak RSS follows the peak of live tensors.
 _MALLOC_ENV = {
     'default': {},
+    'mmap': {'MALLOC_MMAP_THRESHOLD_': '65536', 'GLIBC_TUNABLES': 'glibc.malloc.mmap_threshold=65536'},
     'keep': {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2 ** 46), 'MALLOC_TOP_PAD_': '0',
              'GLIBC_TUNABLES': f'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2 ** 46}'},
 }
@@ -316,9 +334,7 @@ class WorkerArm:
     """
 
     def __init__(self, name, arm, mode, batch_size, args, device, compiled=False):
-        spec = dict(model=name, arm=arm, mode=mode, batch_size=batch_size, compiled=compiled, device=str(device),
-                    threads=args.threads, model_kwargs=args.model_kwargs, img_size=args.img_size, seed=args.seed,
-                    lr=args.lr, grad_checkpointing=bool(args.grad_checkpointing))
+        spec = _worker_spec(name, batch_size, args, device, arm=arm, mode=mode, compiled=compiled)
         env = dict(os.environ, **_MALLOC_ENV[args.malloc])
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), '--timing-worker', json.dumps(spec)],
@@ -360,10 +376,8 @@ class WorkerArm:
 
 def timing_worker(spec: Dict[str, Any]) -> None:
     """Runs in its own process: build one arm, then answer the parent's commands (one JSON line each)."""
-    torch.set_num_threads(spec['threads'])
+    args = _worker_args(spec)
     device = torch.device(spec['device'])
-    args = argparse.Namespace(model_kwargs=spec['model_kwargs'], img_size=spec['img_size'], seed=spec['seed'],
-                              lr=spec['lr'], grad_checkpointing=spec['grad_checkpointing'])
     r = Runner(spec['model'], spec['arm'], spec['mode'], spec['batch_size'], args, device, spec['compiled'],
                model=build_arm(spec['model'], spec['arm'], args, device))
     for line in sys.stdin:
@@ -534,11 +548,8 @@ def _reset_peak_rss() -> bool:
 
 def memory_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Runs in a fresh process: build one twin, run `steps` training steps, report the peak."""
-    torch.set_num_threads(spec['threads'])
+    args = _worker_args(spec)
     device = torch.device(spec['device'])
-    args = argparse.Namespace(
-        model_kwargs=spec['model_kwargs'], img_size=spec['img_size'], seed=spec['seed'], lr=1e-4,
-        grad_checkpointing=spec['grad_checkpointing'])
     out = dict(peak_reset=_reset_peak_rss())
     out['rss_start_mb'] = _proc_status_mb('VmRSS') if out['peak_reset'] else _peak_rss_mb()
     if device.type == 'cuda':
@@ -555,21 +566,13 @@ def memory_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-# glibc keeps freed chunks below its (adaptive, up to 32 MiB) mmap threshold in its heap, so RSS also counts
-# fragmentation that depends on the order of allocations; with a fixed small threshold every tensor buffer is its own
-# mapping, returned on free, and the peak RSS follows the peak of live tensors
-_MMAP_ENV = {'MALLOC_MMAP_THRESHOLD_': '65536', 'GLIBC_TUNABLES': 'glibc.malloc.mmap_threshold=65536'}
-
-
 def measure_memory(name: str, batch_size: int, args, device: torch.device, allocator: str = 'default'
                    ) -> Dict[str, Any]:
     res = dict(model=name, batch_size=batch_size, device=str(device), steps=args.memory_steps,
                grad_checkpointing=bool(args.grad_checkpointing), allocator=allocator)
-    env = dict(os.environ, **_MMAP_ENV) if allocator == 'mmap' else None
+    env = dict(os.environ, **_MALLOC_ENV[allocator])
     for s in ('dense', 'masa'):
-        spec = dict(model=name, sharing=s, batch_size=batch_size, steps=args.memory_steps, device=str(device),
-                    threads=args.threads, model_kwargs=args.model_kwargs, img_size=args.img_size, seed=args.seed,
-                    grad_checkpointing=bool(args.grad_checkpointing))
+        spec = _worker_spec(name, batch_size, args, device, sharing=s, steps=args.memory_steps)
         cmd = [sys.executable, os.path.abspath(__file__), '--memory-worker', json.dumps(spec)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
