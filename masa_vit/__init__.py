@@ -10,6 +10,7 @@ from .attention import AtomLinear
 from .conversion import convert_state_dict, from_dense, load_converted, save_converted, svd_from_dense
 from .masa_vision_transformer import (
     MasaVisionTransformer,
+    SharedWeightBlocks,
     checkpoint_filter_fn,
     coefficient_matrices,
     count_params,
@@ -22,6 +23,7 @@ __all__ = [
     'AtomDictionary',
     'AtomLinear',
     'MasaVisionTransformer',
+    'SharedWeightBlocks',
     'checkpoint_filter_fn',
     'coefficient_matrices',
     'convert_state_dict',

@@ -15,8 +15,9 @@ Training: in forward passes that autograd records, the dictionary composes the s
 once and each layer takes its slice (`AtomDictionary.weight(..., batched=True)`).
 
 Zero-overhead inference: in eval mode with gradients disabled, the composed weight is built once and reused until a
-parameter it depends on changes (tracked by tensor version counters and storage), the layer returns to train mode,
-or `clear_cache()` is called.
+tensor it depends on changes (identity, version counter and storage of the tensors as looked up at each call, and the
+count of optimizer steps), the layer returns to train mode, or `clear_cache()` is called. A MASA model's blocks
+(`SharedWeightBlocks`) run that check once per forward pass for all layers, which then skip their own.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -101,7 +102,11 @@ class AtomLinear(nn.Module):
         for base, lo, hi, _ in self._segments:
             if base == 'shared':
                 dictionary.register_use(block, lo, hi)
-        self._cache: Optional[Tuple[List[torch.Tensor], int, List[Tuple[int, int]], torch.Tensor]] = None
+        self._has_own_deps = num_own > 0 or bool(lowrank)
+        # eval cache: (state key, weight, the tensors the key names); _fast: the weight a model-level check validated
+        # for the forward pass in progress (MasaVisionTransformer.forward_features), used without a check of its own
+        self._cache: Optional[Tuple[tuple, torch.Tensor, List[torch.Tensor]]] = None
+        self._fast: Optional[torch.Tensor] = None
         self.init_weights()
 
     def _build_segments(self) -> List[tuple]:
@@ -171,17 +176,28 @@ class AtomLinear(nn.Module):
             pieces.append(w)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
-    def _dependencies(self) -> List[torch.Tensor]:
-        """Every tensor the composed weight depends on (direct dict access: this runs on every cached eval call)."""
-        deps = [p for p in self._parameters.values() if p is not None]
+    def _own_dependencies(self) -> List[torch.Tensor]:
+        """The block's own tensors the composed weight depends on: its unshared weight and low-rank terms (the bias is
+        added by F.linear, not composed). Direct dict access: this runs on every cached eval call."""
+        w = self._parameters.get('weight')
+        deps = [] if w is None else [w]
         deps.extend(self.lowrank._parameters.values())
-        d = self.dictionary
-        if d is not None:
-            deps.extend(d._parameters.values())
-            mlp = d._modules.get('coef_mlp')
-            if mlp is not None:
-                deps.extend(mlp.parameters())
         return deps
+
+    def _dependencies(self) -> List[torch.Tensor]:
+        """Every tensor the composed weight depends on."""
+        deps = self._own_dependencies()
+        if self.dictionary is not None:
+            deps.extend(self.dictionary._dependencies())
+        return deps
+
+    def _state_key(self, steps: int, dictionary_key: tuple) -> tuple:
+        """What the cached weight is valid for: the optimizer step count and, for the tensors it depends on as they
+        are looked up now (torch.func.functional_call swaps them), identity, version counter (in-place changes) and
+        storage (.data = ..., device moves). The cache holds those tensors, so their ids cannot be reused."""
+        if self._has_own_deps:
+            return steps, dictionary_key, tuple((id(t), t._version, t.data_ptr()) for t in self._own_dependencies())
+        return steps, dictionary_key
 
     def composed_weight(self) -> torch.Tensor:
         """The full (out, in) weight of this block, from the eval cache when that is valid."""
@@ -190,49 +206,52 @@ class AtomLinear(nn.Module):
     def _weight(self, tracing: bool) -> torch.Tensor:
         if self.training or torch.is_grad_enabled() or tracing:
             return self._compose(batched=not tracing)
+        d = self.dictionary
+        return self._eval_weight(self._state_key(
+            _dictionary._optimizer_steps, d.state_key() if d is not None else ()))
+
+    def _eval_weight(self, key: tuple) -> torch.Tensor:
+        """The cached eval weight for state `key` (see `_state_key`), composed again when the state changed."""
         cache = self._cache
-        if cache is not None:
-            deps, steps, key, weight = cache
-            # valid while no optimizer stepped and no tensor was modified in place (version counter) or swapped
-            # (.to(), .data = ...)
-            if steps == _dictionary._optimizer_steps and all(
-                    t._version == v and t.data_ptr() == p for t, (v, p) in zip(deps, key)):
-                return weight
-        deps = self._dependencies()
+        if cache is not None and cache[0] == key:
+            return cache[1]
         weight = self._compose().contiguous()
-        self._cache = (deps, _dictionary._optimizer_steps, [(t._version, t.data_ptr()) for t in deps], weight)
+        self._cache = (key, weight, self._dependencies())
         return weight
 
     @property
     def cached_weight(self) -> Optional[torch.Tensor]:
         """The eval-mode cached weight, or None when nothing is cached."""
-        return self._cache[-1] if self._cache is not None else None
+        return self._cache[1] if self._cache is not None else None
 
     def clear_cache(self) -> None:
         self._cache = None
+        self._fast = None
 
     def train(self, mode: bool = True):
-        self._cache = None
+        self.clear_cache()
         return super().train(mode)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None
+        self.clear_cache()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
-        self._cache = None  # device / dtype moves (parameters may be replaced, not only modified)
+        self.clear_cache()  # device / dtype moves (parameters may be replaced, not only modified)
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state['_cache'] = None  # never pickle or deep-copy cached weights
+        state['_cache'] = state['_fast'] = None  # never pickle or deep-copy cached weights
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # _is_tracing() without its torch.fx check (~0.4 us, a fifth of a cache hit): under fx symbolic tracing the
-        # input is a Proxy, not a tensor
-        tracing = torch._C._is_tracing() or torch.compiler.is_compiling() or not isinstance(x, torch.Tensor)
-        return F.linear(x, self._weight(tracing), self.bias)
+        w = self._fast
+        if w is None:
+            # _is_tracing() without its torch.fx check (~0.4 us): under fx symbolic tracing the input is a Proxy
+            tracing = torch._C._is_tracing() or torch.compiler.is_compiling() or not isinstance(x, torch.Tensor)
+            w = self._weight(tracing)
+        return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
         parts = ', '.join(f'{p}:{b}' + (f'+r{self.lowrank_ranks[p]}' if p in self.lowrank_ranks else '')

@@ -45,7 +45,9 @@ from timm.layers import LayerScale
 from timm.models import VisionTransformer
 
 from .attention import AtomLinear
-from .masa_vision_transformer import MasaVisionTransformer, count_params, parse_share, resolve_groups
+from .masa_vision_transformer import (
+    MasaVisionTransformer, SharedWeightBlocks, count_params, parse_share, resolve_groups,
+)
 from .matrix_pca import (
     allocate_ranks, cholesky_factor, error_correcting_target, joint_refine, kl_group_starts, layer_kl_drift,
     matrix_pca, matrix_pca_common, matrix_pca_spectrum, refit_coef_lowrank, truncated_svd, whitened_lowrank,
@@ -166,7 +168,8 @@ def _check_same_architecture(dense: nn.Module, masa: nn.Module) -> None:
         other = masa_modules.get(name)
         if other is None:
             problems.append(f'{name}: missing')
-        elif type(other) is not type(m) or other.extra_repr() != m.extra_repr():
+        elif (type(other) is not type(m) and not (type(other) is SharedWeightBlocks and type(m) is nn.Sequential)
+              or other.extra_repr() != m.extra_repr()):
             problems.append(f'{name}: {type(m).__name__}({m.extra_repr()}) vs {type(other).__name__}({other.extra_repr()})')
     for k, v in dense.state_dict().items():
         if '.attn.qkv.' in k or '.attn.proj.' in k:

@@ -246,6 +246,11 @@ class AtomDictionary(nn.Module):
             deps.extend(mlp.parameters())
         return deps
 
+    def state_key(self) -> tuple:
+        """Identity, version counter and storage of every tensor the composed weights depend on, as looked up now:
+        equal keys mean unchanged weights (the eval caches of the blocks compare it)."""
+        return tuple((id(t), t._version, t.data_ptr()) for t in self._dependencies())
+
     def _compose_all(self) -> Optional[Dict[Tuple[int, int, int], torch.Tensor]]:
         """Every declared use's weight from one batched composition, reused until the weights change.
 

@@ -39,10 +39,11 @@ from timm.models import VisionTransformer, build_model_with_cfg, generate_defaul
 from timm.models import named_apply
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn, get_init_weights_vit
 
-from .attention import AtomLinear, GroupedQueryAttention
+from . import dictionary as _dictionary
+from .attention import AtomLinear, GroupedQueryAttention, _is_tracing
 from .dictionary import AtomDictionary, COEF_MODES
 
-__all__ = ['MasaVisionTransformer', 'to_dense', 'count_params', 'coefficient_matrices', 'checkpoint_filter_fn']
+__all__ = ['MasaVisionTransformer', 'SharedWeightBlocks', 'to_dense', 'count_params', 'coefficient_matrices', 'checkpoint_filter_fn']
 
 _logger = logging.getLogger(__name__)
 
@@ -297,6 +298,7 @@ class MasaVisionTransformer(VisionTransformer):
                             in_f, out_f, (name,), [shared_base], bias=getattr(mlp, name).bias is not None,
                             dictionary=fc_dicts[name] if fc_dicts is not None else None, block=l - a,
                             lowrank={name: mlp_rank} if sharing == 'low_rank' else None, **dd))
+        self.blocks = SharedWeightBlocks(*self.blocks)
         self._masa_built = True
         if self.fix_init:
             self.fix_init_weight()
@@ -366,8 +368,74 @@ class MasaVisionTransformer(VisionTransformer):
     def clear_cache(self) -> None:
         """Drop the cached eval-mode weights and the dictionaries' batched compositions (rebuilt when needed)."""
         for m in self.modules():
-            if isinstance(m, (AtomLinear, AtomDictionary)):
+            if isinstance(m, (AtomLinear, AtomDictionary, SharedWeightBlocks)):
                 m.clear_cache()
+
+
+class SharedWeightBlocks(nn.Sequential):
+    """The blocks of a MASA model: an `nn.Sequential` that, in eval mode without autograd, validates the shared
+    layers' cached weights once per forward pass instead of once per layer call.
+
+    The state the weights depend on (the optimizer step count, each dictionary's tensors, the own tensors of layers
+    that have some) is read once per pass; while it is unchanged the layers get the weights validated for it and
+    skip their own check. At batch 1 of a small model the per-layer checks cost 3-5% of the forward (docs/speed.md).
+    Blocks called one by one (`forward_intermediates`, attention masks) still check per layer, with the same result.
+    A parameter changed in place during the pass itself (from a forward hook) takes effect from the next call.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled() or _is_tracing():
+            return super().forward(x)
+        layers, dicts, own = self._layers()
+        steps = _dictionary._optimizer_steps
+        dict_keys = tuple(d.state_key() for d in dicts)
+        state = (steps, dict_keys, tuple(layer._state_key(steps, ()) for layer in own))
+        plan = self.__dict__.get('_plan')
+        if plan is None or plan[0] != state:
+            keys = {d: (steps, k) for d, k in zip(dicts, dict_keys)}
+            keys[None] = (steps, ())
+            weights = []
+            for layer in layers:
+                key = keys[layer.dictionary]
+                if layer._has_own_deps:
+                    key = layer._state_key(steps, key[1])
+                weights.append(layer._eval_weight(key))
+            plan = self.__dict__['_plan'] = (state, weights)
+        try:
+            for layer, w in zip(layers, plan[1]):
+                layer.__dict__['_fast'] = w
+            return super().forward(x)
+        finally:
+            for layer in layers:
+                layer.__dict__['_fast'] = None
+
+    def _layers(self) -> Tuple[List[AtomLinear], List[AtomDictionary], List[AtomLinear]]:
+        """(shared layers, their distinct dictionaries, the layers with own tensors), listed once (after module
+        surgery clear_cache() lists them again; a layer not listed checks for itself)."""
+        found = self.__dict__.get('_found')
+        if found is None:
+            layers = [m for m in self.modules() if isinstance(m, AtomLinear)]
+            dicts = list({id(l.dictionary): l.dictionary for l in layers if l.dictionary is not None}.values())
+            found = self.__dict__['_found'] = (layers, dicts, [l for l in layers if l._has_own_deps])
+        return found
+
+    def clear_cache(self) -> None:
+        self.__dict__.pop('_found', None)
+        self.__dict__.pop('_plan', None)
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop('_plan', None)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop('_plan', None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop('_plan', None)  # never pickle or deep-copy cached weights
+        state.pop('_found', None)
+        return state
 
 
 def _scale_atom_linear_(layer: AtomLinear, factor: float) -> None:

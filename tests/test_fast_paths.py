@@ -449,6 +449,80 @@ def test_fold_coefficients_invalidates_cache(tiny_kwargs):
         torch.testing.assert_close(m(x), _uncached(m, x), rtol=0, atol=0)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Eval cache: one check per forward pass (SharedWeightBlocks)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _depends_on(name):
+    """Parameters a composed weight depends on, plus the first block's qkv bias (added by F.linear)."""
+    return 'dictionaries' in name or name.startswith('blocks.0.attn.qkv.')
+
+
+@pytest.mark.parametrize('opts', [
+    dict(), dict(share='qk'), dict(refine_rank=2), dict(coef='mlp'), dict(share='qkvo+mlp'), dict(groups=2),
+], ids=_id)
+def test_one_check_per_pass_follows_in_place_edits(opts, tiny_kwargs):
+    """The blocks validate every layer's cached weight once per forward pass; the layers use it during the pass and
+    check for themselves again after it. An in-place edit of any tensor a weight depends on (atoms, coefficients, a
+    block's own weight or low-rank term) between two passes reaches the next pass and a direct block call."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **dict(tiny_kwargs, depth=4), **opts).eval()
+    assert isinstance(m.blocks, masa_vit.SharedWeightBlocks)
+    qkv = m.blocks[1].attn.qkv
+    seen = []
+    qkv.register_forward_pre_hook(lambda mod, args: seen.append(mod._fast))
+    x = torch.randn(2, 3, 32, 32)
+    tokens = torch.randn(2, 5, m.embed_dim)
+    names = [n for n, _ in m.named_parameters() if _depends_on(n)]
+    assert len(names) >= 3
+    with torch.no_grad():
+        m(x)
+        assert seen[-1] is not None and seen[-1] is qkv.cached_weight  # validated by the pass
+        assert all(layer._fast is None for layer in _atom_linears(m))  # released after it
+        m.blocks[1](tokens)
+        assert seen[-1] is None  # a direct block call checks for itself
+        params = dict(m.named_parameters())
+        for n in names:
+            params[n].mul_(1.5)
+            torch.testing.assert_close(m(x), _uncached(m, x), rtol=0, atol=0, msg=n)
+            dense = masa_vit.to_dense(m).eval()
+            torch.testing.assert_close(m.blocks[0](tokens), dense.blocks[0](tokens), rtol=0, atol=0, msg=n)
+
+
+def test_one_check_per_pass_released_after_an_error(tiny_kwargs):
+    m = timm.create_model('masa_vit_tiny', **dict(tiny_kwargs, depth=4)).eval()
+
+    def fail(mod, args):
+        raise RuntimeError('hook failure')
+
+    handle = m.blocks[2].register_forward_pre_hook(fail)
+    with torch.no_grad(), pytest.raises(RuntimeError, match='hook failure'):
+        m(torch.randn(1, 3, 32, 32))
+    assert all(layer._fast is None for layer in _atom_linears(m))
+    handle.remove()
+    sliced = m.blocks[:2]  # timm's prune_intermediate_layers slices the blocks
+    assert isinstance(sliced, masa_vit.SharedWeightBlocks) and len(sliced) == 2
+
+
+@pytest.mark.parametrize('opts', [dict(), dict(share='qk'), dict(refine_rank=2)], ids=_id)
+def test_functional_call_in_eval_uses_swapped_parameters(opts, tiny_kwargs):
+    """torch.func.functional_call swaps parameters for one call: a warm eval cache must not answer for the swapped-in
+    tensors (it once did: the check followed the cached tensors, not the ones looked up now), and the model's own
+    cache is intact afterwards."""
+    torch.manual_seed(0)
+    m = timm.create_model('masa_vit_tiny', **dict(tiny_kwargs, depth=4), **opts).eval()
+    x = torch.randn(2, 3, 32, 32)
+    swapped = {n: p * 1.5 if _depends_on(n) else p for n, p in m.named_parameters()}
+    ref = copy.deepcopy(m)
+    ref.load_state_dict(swapped, strict=False)
+    with torch.no_grad():
+        before = m(x)
+        out = torch.func.functional_call(m, swapped, (x,))
+        torch.testing.assert_close(out, _uncached(ref, x), rtol=0, atol=0)
+        assert (out - before).abs().max() > 1e-4
+        torch.testing.assert_close(m(x), before, rtol=0, atol=0)
+
+
 def test_compiled_eval_sees_parameter_updates(tiny_kwargs):
     """torch.compile traces the composition (no cache inside a graph): a compiled eval model follows an
     optimizer step on the eager parameters instead of keeping weights baked in at compile time."""
