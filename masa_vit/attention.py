@@ -103,10 +103,11 @@ class AtomLinear(nn.Module):
             if base == 'shared':
                 dictionary.register_use(block, lo, hi)
         self._has_own_deps = num_own > 0 or bool(lowrank)
-        # eval cache: (state key, weight, the tensors the key names); _fast: the weight a model-level check validated
-        # for the forward pass in progress (MasaVisionTransformer.forward_features), used without a check of its own
+        # eval cache: (state key, weight, the tensors the key names)
         self._cache: Optional[Tuple[tuple, torch.Tensor, List[torch.Tensor]]] = None
-        self._fast: Optional[torch.Tensor] = None
+        # (box, index) from the SharedWeightBlocks holding this layer: during its eval pass box[0] is the list of
+        # weights it validated for the pass, used without a check of their own; None outside the pass
+        self._slot: Optional[Tuple[list, int]] = None
         self.init_weights()
 
     def _build_segments(self) -> List[tuple]:
@@ -226,7 +227,6 @@ class AtomLinear(nn.Module):
 
     def clear_cache(self) -> None:
         self._cache = None
-        self._fast = None
 
     def train(self, mode: bool = True):
         self.clear_cache()
@@ -242,16 +242,18 @@ class AtomLinear(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state['_cache'] = state['_fast'] = None  # never pickle or deep-copy cached weights
+        state['_cache'] = state['_slot'] = None  # never pickle or deep-copy cached weights
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._fast
-        if w is None:
-            # _is_tracing() without its torch.fx check (~0.4 us): under fx symbolic tracing the input is a Proxy
-            tracing = torch._C._is_tracing() or torch.compiler.is_compiling() or not isinstance(x, torch.Tensor)
-            w = self._weight(tracing)
-        return F.linear(x, w, self.bias)
+        slot = self._slot
+        if slot is not None:
+            weights = slot[0][0]
+            if weights is not None:  # inside an eval pass of SharedWeightBlocks, which validated the weights
+                return F.linear(x, weights[slot[1]], self.bias)
+        # _is_tracing() without its torch.fx check (~0.4 us): under fx symbolic tracing the input is a Proxy
+        tracing = torch._C._is_tracing() or torch.compiler.is_compiling() or not isinstance(x, torch.Tensor)
+        return F.linear(x, self._weight(tracing), self.bias)
 
     def extra_repr(self) -> str:
         parts = ', '.join(f'{p}:{b}' + (f'+r{self.lowrank_ranks[p]}' if p in self.lowrank_ranks else '')

@@ -401,13 +401,12 @@ class SharedWeightBlocks(nn.Sequential):
                     key = layer._state_key(steps, key[1])
                 weights.append(layer._eval_weight(key))
             plan = self.__dict__['_plan'] = (state, weights)
+        box = self.__dict__['_box']
+        box[0] = plan[1]
         try:
-            for layer, w in zip(layers, plan[1]):
-                layer.__dict__['_fast'] = w
             return super().forward(x)
         finally:
-            for layer in layers:
-                layer.__dict__['_fast'] = None
+            box[0] = None
 
     def _layers(self) -> Tuple[List[AtomLinear], List[AtomDictionary], List[AtomLinear]]:
         """(shared layers, their distinct dictionaries, the layers with own tensors), listed once (after module
@@ -416,11 +415,15 @@ class SharedWeightBlocks(nn.Sequential):
         if found is None:
             layers = [m for m in self.modules() if isinstance(m, AtomLinear)]
             dicts = list({id(l.dictionary): l.dictionary for l in layers if l.dictionary is not None}.values())
+            box = self.__dict__['_box'] = [None]
+            for i, layer in enumerate(layers):  # a layer in two SharedWeightBlocks (a slice) serves the last one listed
+                layer.__dict__['_slot'] = (box, i)
             found = self.__dict__['_found'] = (layers, dicts, [l for l in layers if l._has_own_deps])
         return found
 
     def clear_cache(self) -> None:
-        self.__dict__.pop('_found', None)
+        for layer in self.__dict__.pop('_found', ((),))[0]:
+            layer.__dict__['_slot'] = None
         self.__dict__.pop('_plan', None)
 
     def train(self, mode: bool = True):
@@ -433,8 +436,8 @@ class SharedWeightBlocks(nn.Sequential):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop('_plan', None)  # never pickle or deep-copy cached weights
-        state.pop('_found', None)
+        for key in ('_plan', '_found', '_box'):  # never pickle or deep-copy cached weights
+            state.pop(key, None)
         return state
 
 

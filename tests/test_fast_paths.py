@@ -453,6 +453,12 @@ def test_fold_coefficients_invalidates_cache(tiny_kwargs):
 # Eval cache: one check per forward pass (SharedWeightBlocks)
 # ---------------------------------------------------------------------------------------------------------------
 
+def _pass_weight(layer):
+    """The weight SharedWeightBlocks handed `layer` for the eval pass in progress, or None."""
+    slot = layer._slot
+    return slot[0][0][slot[1]] if slot is not None and slot[0][0] is not None else None
+
+
 def _depends_on(name):
     """Parameters a composed weight depends on, plus the first block's qkv bias (added by F.linear)."""
     return 'dictionaries' in name or name.startswith('blocks.0.attn.qkv.')
@@ -470,7 +476,7 @@ def test_one_check_per_pass_follows_in_place_edits(opts, tiny_kwargs):
     assert isinstance(m.blocks, masa_vit.SharedWeightBlocks)
     qkv = m.blocks[1].attn.qkv
     seen = []
-    qkv.register_forward_pre_hook(lambda mod, args: seen.append(mod._fast))
+    qkv.register_forward_pre_hook(lambda mod, args: seen.append(_pass_weight(mod)))
     x = torch.randn(2, 3, 32, 32)
     tokens = torch.randn(2, 5, m.embed_dim)
     names = [n for n, _ in m.named_parameters() if _depends_on(n)]
@@ -478,7 +484,7 @@ def test_one_check_per_pass_follows_in_place_edits(opts, tiny_kwargs):
     with torch.no_grad():
         m(x)
         assert seen[-1] is not None and seen[-1] is qkv.cached_weight  # validated by the pass
-        assert all(layer._fast is None for layer in _atom_linears(m))  # released after it
+        assert all(_pass_weight(layer) is None for layer in _atom_linears(m))  # released after it
         m.blocks[1](tokens)
         assert seen[-1] is None  # a direct block call checks for itself
         params = dict(m.named_parameters())
@@ -498,10 +504,17 @@ def test_one_check_per_pass_released_after_an_error(tiny_kwargs):
     handle = m.blocks[2].register_forward_pre_hook(fail)
     with torch.no_grad(), pytest.raises(RuntimeError, match='hook failure'):
         m(torch.randn(1, 3, 32, 32))
-    assert all(layer._fast is None for layer in _atom_linears(m))
+    assert all(_pass_weight(layer) is None for layer in _atom_linears(m))
     handle.remove()
     sliced = m.blocks[:2]  # timm's prune_intermediate_layers slices the blocks
     assert isinstance(sliced, masa_vit.SharedWeightBlocks) and len(sliced) == 2
+    # the slice and the whole model share layers: each pass hands out its own weights, both stay exact
+    x, tokens = torch.randn(1, 3, 32, 32), torch.randn(1, 5, m.embed_dim)
+    dense = masa_vit.to_dense(m).eval()
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(sliced(tokens), dense.blocks[:2](tokens), rtol=0, atol=0)
+            torch.testing.assert_close(m(x), dense(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('opts', [dict(), dict(share='qk'), dict(refine_rank=2)], ids=_id)
