@@ -15,6 +15,8 @@ then converts it at several attention compression ratios with:
     * , sequential       whitened SVD / Matrix PCA + refine / joint refine, then each block's low-rank terms (and
                          coefficients) refitted in order on the converted model's own activations, towards the dense
                          outputs (or, 'input target', towards the dense weight on the converted inputs)
+    * , bias-corrected   whitened SVD / Matrix PCA + refine fitted on the centered input covariance, with each
+                         layer's mean output error moved into its bias (rows svd_llm_bc, mpca_refine_bc)
 
 and reports top-1, agreement with the dense model, mean KL(dense || converted) on held-out images, and attention
 parameters. Prints a markdown table and writes JSON.
@@ -71,6 +73,7 @@ DIGITS_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=4
 ROW_KEYS = (
     'svd', 'svd_llm', 'svd_llm_roles', 'svd_llm_seq', 'svd_llm_seq_input', 'mpca', 'mpca_refine', 'mpca_refine_auto',
     'mpca_refine_seq', 'mpca_refine_seq_input', 'joint_objective', 'joint_kl', 'joint_bcd', 'joint_seq', 'joint_rounds',
+    'svd_llm_bc', 'mpca_refine_bc',
 )
 
 
@@ -551,6 +554,9 @@ def main(argv=None):
             run('truncated SVD', budget, lambda: svd_from_dense(dense, budget))
         if svd_ok and 'svd_llm' in rows:
             run('whitened SVD (SVD-LLM)', budget, lambda: svd_from_dense(dense, budget, stats=stats))
+        if svd_ok and 'svd_llm_bc' in rows:
+            run('whitened SVD (SVD-LLM), bias-corrected', budget,
+                lambda: svd_from_dense(dense, budget, stats=stats, bias_correction=True))
         if 'svd_llm_roles' in rows:
             # the plan's no-atom reference: the whole budget in whitened low rank, one rank per role
             ranks0 = from_dense(dense, budget, stats=stats, refine=True, refine_iters=0).conversion_report[
@@ -562,6 +568,9 @@ def main(argv=None):
         if 'mpca_refine' in rows:
             run('Matrix PCA + refine', budget, lambda: from_dense(dense, budget, stats=stats, refine=True,
                                                                   refine_iters=0))
+        if 'mpca_refine_bc' in rows:
+            run('Matrix PCA + refine, bias-corrected', budget,
+                lambda: from_dense(dense, budget, stats=stats, refine=True, refine_iters=0, bias_correction=True))
         if 'mpca_refine_auto' in rows:
             run('Matrix PCA + refine, auto groups', budget,
                 lambda: from_dense(dense, budget, stats=stats, refine=True, groups='auto', refine_iters=0))

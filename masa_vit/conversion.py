@@ -217,6 +217,36 @@ def _atom_layers(model: nn.Module) -> List[Tuple[str, AtomLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, AtomLinear)]
 
 
+def _biased_layers(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> List[str]:
+    """Names of the attention layers whose dense version has a bias (the ones bias correction can use)."""
+    return [name for _, name, _, _, _ in _attention_layers(model) if state_dict.get(f'{name}.bias') is not None]
+
+
+@torch.no_grad()
+def correct_biases(model: nn.Module, dense_state_dict: Mapping[str, torch.Tensor],
+                   input_means: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """Move the mean output error of every converted attention layer into its bias: b += (W - W^) mu.
+
+    With mu the mean input row of the layer on the calibration data, the layer's outputs on that data then have the
+    dense outputs' mean; together with a low-rank fit whitened by the *centered* input covariance
+    (`CalibrationStats.cholesky(center=...)`) this is the optimal affine correction: min over W^ (of the given
+    structure) and b' of ||W X^T + b 1^T - W^ X^T - b' 1^T||_F. Layers without a bias or a mean are left alone.
+    Returns layer name -> ||(W - W^) mu|| (the shift applied).
+    """
+    model = _unwrap(model)
+    shifts = {}
+    for name, layer in _atom_layers(model):
+        mu = input_means.get(name)
+        if layer.bias is None or mu is None:
+            continue
+        w = dense_state_dict[f'{name}.weight'].to('cpu', torch.float64)
+        w_hat = layer.composed_weight().detach().to('cpu', torch.float64)
+        shift = (w - w_hat) @ mu.to(torch.float64)
+        layer.bias.add_(shift.to(layer.bias))
+        shifts[name] = float(shift.norm())
+    return shifts
+
+
 def _dense_part_weights(
         state_dict: Mapping[str, torch.Tensor], model: nn.Module,
 ) -> Dict[Tuple[str, str], torch.Tensor]:
@@ -371,21 +401,33 @@ class CalibrationStats:
 
     Attributes:
         xtx: layer name ('blocks.3.attn.qkv', 'blocks.3.attn.proj') -> X^T X of its inputs, float64 (in, in).
+        xsum: layer name -> the sum of its input rows, float64 (in,) (for centering and bias correction).
         block_logits: (L, N, C) logits of each block's token state through the model's final norm and head.
         logits: (N, C) the dense model's logits.
         targets: (N,) labels when the batches carried them, else None.
         num_images: N; num_tokens: rows summed into each X^T X.
     """
     xtx: Dict[str, torch.Tensor] = field(default_factory=dict)
+    xsum: Dict[str, torch.Tensor] = field(default_factory=dict)
     block_logits: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     targets: Optional[torch.Tensor] = None
     num_images: int = 0
     num_tokens: int = 0
 
-    def cholesky(self, damping: float = 1e-2) -> Dict[str, torch.Tensor]:
-        """Lower Cholesky factors of every X^T X (damped where needed, see `matrix_pca.cholesky_factor`)."""
-        return {k: cholesky_factor(v, damping) for k, v in self.xtx.items()}
+    def cholesky(self, damping: float = 1e-2, center: Iterable[str] = ()) -> Dict[str, torch.Tensor]:
+        """Lower Cholesky factors of every X^T X (damped where needed, see `matrix_pca.cholesky_factor`); for the
+        layers named in `center`, of the centered (X - 1 mu^T)^T (X - 1 mu^T) = X^T X - n mu mu^T instead."""
+        center = set(center)
+        missing = sorted(center - set(self.xsum))
+        if missing:
+            raise ValueError(f'no input sums for {missing[:3]}: collect the statistics with collect_calibration')
+        return {k: cholesky_factor(v - torch.outer(self.xsum[k], self.xsum[k]) / self.num_tokens if k in center
+                                   else v, damping) for k, v in self.xtx.items()}
+
+    def input_means(self) -> Dict[str, torch.Tensor]:
+        """Layer name -> mean input row mu (float64)."""
+        return {k: v / self.num_tokens for k, v in self.xsum.items()}
 
 
 def _split_batch(batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -439,6 +481,8 @@ def collect_calibration(
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
             acc = stats.xtx.get(name)
             stats.xtx[name] = x.T @ x if acc is None else acc + x.T @ x
+            acc = stats.xsum.get(name)
+            stats.xsum[name] = x.sum(0) if acc is None else acc + x.sum(0)
             if name.endswith('.0.attn.qkv'):
                 stats.num_tokens += x.shape[0]
         return hook
@@ -467,6 +511,7 @@ def collect_calibration(
     if stats.num_images == 0:
         raise ValueError('the calibration data yielded no images')
     stats.xtx = {k: v.cpu() for k, v in stats.xtx.items()}
+    stats.xsum = {k: v.cpu() for k, v in stats.xsum.items()}
     stats.logits = torch.cat(logits)
     if block_logits:
         stats.block_logits = torch.stack([torch.cat(b) for b in per_block])
@@ -952,6 +997,7 @@ def from_dense(
         sequential_target: str = 'dense',
         sequential_sweeps: int = 10,
         sequential_atom_rounds: int = 0,
+        bias_correction: bool = False,
 ) -> MasaVisionTransformer:
     """Convert a pretrained dense timm ViT into a MASA ViT without training.
 
@@ -1004,6 +1050,10 @@ def from_dense(
             coefficients and low rank on them, and another sequential refit; a round is kept only when it lowers
             the mean KL(dense || converted) on the calibration images, else undone and the rounds stop.
             Needs `sequential` and `refine_iters`.
+        bias_correction: Fit the low-rank terms (and joint refinement) on the *centered* input covariance of each
+            attention layer that has a bias, and move the mean output error into that bias (`correct_biases`):
+            the optimal affine fit instead of the linear one, at no parameter cost. Needs calibration data; not
+            with `sequential`.
     """
     t0 = time.perf_counter()
     dense = _check_dense_vit(dense_model)
@@ -1037,7 +1087,11 @@ def from_dense(
         max_calib_batches = None
     if calib is not None:
         stats = collect_calibration(dense, calib, max_batches=max_calib_batches, block_logits=groups == 'auto')
-    chol = stats.cholesky(damping) if stats is not None else None
+    if bias_correction and (stats is None or sequential):
+        raise ValueError('bias_correction=True needs calibration data (calib= or stats=) and is not available with '
+                         'sequential=True')
+    centered = _biased_layers(dense_state, dense) if bias_correction else ()
+    chol = stats.cholesky(damping, center=centered) if stats is not None else None
     if refine and chol is None:
         _logger.warning('refine without calibration data: low-rank terms are the plain (unwhitened) truncated SVD')
     if refine_iters < 0:
@@ -1092,6 +1146,8 @@ def from_dense(
         if joint is not None:
             _load_joint(state, model, joint, kinds)
         model.load_state_dict(state, strict=True)
+        if bias_correction:
+            correct_biases(model, dense_state, {k: v for k, v in stats.input_means().items() if k in centered})
         return model.to(device=device, dtype=dtype), masa_kwargs, ranks
 
     judge = None
@@ -1132,8 +1188,8 @@ def from_dense(
         raise AssertionError(f'conversion exceeded its budget: {counts["attention"]} > {budget}')
     report = dict(
         method=('matrix_pca' + ('+joint_refine' if joint else '+refine' if ranks else '')
-                + ('+sequential' if seq else '')),
-        config=dict(masa_kwargs, groups=[a for a, _ in bounds], share=''.join(kinds),
+                + ('+sequential' if seq else '') + ('+bias_correction' if bias_correction else '')),
+        config=dict(masa_kwargs, groups=[a for a, _ in bounds], share=''.join(kinds), bias_correction=bias_correction,
                     refine_iters=refine_iters if joint else None, refine_method=refine_method if joint else None,
                     select=select if joint else None, sequential=sequential_target if seq else None),
         sequential=seq,
@@ -1239,6 +1295,7 @@ def svd_from_dense(
         damping: float = 1e-2,
         sequential: bool = False,
         sequential_target: str = 'dense',
+        bias_correction: bool = False,
 ) -> MasaVisionTransformer:
     """Same-budget baselines: every shared projection replaced by its per-layer rank-r factorization U V.
 
@@ -1246,7 +1303,8 @@ def svd_from_dense(
     of SVD-LLM (Wang et al. 2024, https://arxiv.org/abs/2403.07378). Returns a `MasaVisionTransformer` with
     sharing='low_rank' (so `count_params` counts it like MASA) and the report as `model.conversion_report`.
     `sequential=True` (needs `calib` images) then refits the factors block by block on the converted model's own
-    activations (`sequential_refit`, the same option as `from_dense`'s).
+    activations (`sequential_refit`, the same option as `from_dense`'s). `bias_correction=True` (with data, not
+    sequential): the centered whitened SVD plus the mean output error moved into each bias, as in `from_dense`.
     """
     dense = _check_dense_vit(dense_model)
     if rank is None:
@@ -1262,18 +1320,25 @@ def svd_from_dense(
         max_calib_batches = None
     if stats is None and calib is not None:
         stats = collect_calibration(dense, calib, max_batches=max_calib_batches, block_logits=False)
-    chol = stats.cholesky(damping) if stats is not None else None
+    if bias_correction and (stats is None or sequential):
+        raise ValueError('bias_correction=True needs calibration data (calib= or stats=) and is not available with '
+                         'sequential=True')
     p = next(dense.parameters())
     dense_state = {k: v.detach().cpu() for k, v in dense.state_dict().items()}
+    centered = _biased_layers(dense_state, dense) if bias_correction else ()
+    chol = stats.cholesky(damping, center=centered) if stats is not None else None
     model = _build_masa(vit_kwargs_from_dense(dense), dict(sharing='low_rank', rank=rank, share=share))
     _check_same_architecture(dense, model)
     model.load_state_dict(convert_state_dict(dense_state, model, whitening=chol), strict=True)
+    if bias_correction:
+        correct_biases(model, dense_state, {k: v for k, v in stats.input_means().items() if k in centered})
     model.pretrained_cfg = copy.deepcopy(getattr(dense, 'pretrained_cfg', {}))
     model = model.to(device=p.device, dtype=p.dtype).train(dense.training)
     seq = sequential_refit(dense, model, calib, target=sequential_target, damping=damping) if sequential else None
     counts, dense_counts = count_params(model), count_params(dense)
     model.conversion_report = dict(
-        method=('whitened_svd' if chol is not None else 'truncated_svd') + ('+sequential' if seq else ''),
+        method=(('whitened_svd' if chol is not None else 'truncated_svd') + ('+sequential' if seq else '')
+                + ('+bias_correction' if bias_correction else '')),
         rank=rank,
         sequential=seq,
         target_attn_compression=attn_compression,

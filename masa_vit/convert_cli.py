@@ -66,6 +66,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--sequential-atom-rounds', type=int, default=0,
                    help='with --sequential and --refine-iters: rounds refitting the shared atoms on sequential '
                         'statistics, each kept only when it lowers the calibration KL')
+    p.add_argument('--bias-correction', action='store_true',
+                   help='fit on the centered input covariance and move each layer\'s mean output error into its '
+                        'bias (the affine fit; no extra parameters; not with --sequential)')
     p.add_argument('--calib-dir', help='calibration image folder (any layout; images are found recursively)')
     p.add_argument('--calib-images', type=int, default=256, help='calibration images to use')
     p.add_argument('--eval-dir', help='held-out image folder with one sub-folder per class, in the model class order')
@@ -158,7 +161,8 @@ def run(args: argparse.Namespace) -> dict:
         refine=args.refine, refine_rank=args.refine_rank, share=args.share, dictionary=args.dictionary,
         auto_groups=args.auto_groups, eval_data=eval_data, refine_iters=args.refine_iters,
         refine_method=args.refine_method, select=args.select, sequential=args.sequential,
-        sequential_target=args.sequential_target, sequential_atom_rounds=args.sequential_atom_rounds)
+        sequential_target=args.sequential_target, sequential_atom_rounds=args.sequential_atom_rounds,
+        bias_correction=args.bias_correction)
     report = dict(model.conversion_report, source=dict(
         model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, model_kwargs=args.model_kwargs))
     save_converted(model, args.output, source_model=args.model, source_kwargs=args.model_kwargs)

@@ -1,4 +1,5 @@
 """Training-free conversion: from_dense, convert_state_dict / timm loading, SVD baselines, report, masa-convert."""
+import functools
 import json
 import math
 
@@ -323,6 +324,57 @@ def test_whitened_refinement_beats_plain_svd_refinement_on_layer_outputs(dense, 
             assert errs[0] < errs[1]
 
 
+def _layer_output_errors(model, dense, calib):
+    """Per attention layer, on the dense model's own inputs to it: (||dense out - converted out||_F, norm of the mean
+    error over tokens); converted out from the exported dense weights and biases of `model`."""
+    inputs, handles = {}, []
+    for i, blk in enumerate(dense.blocks):
+        for lname in ('qkv', 'proj'):
+            name = f'blocks.{i}.attn.{lname}'
+            handles.append(getattr(blk.attn, lname).register_forward_pre_hook(
+                lambda mod, args, name=name: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        for x, _ in calib:
+            dense(x)
+    for h in handles:
+        h.remove()
+    ref, conv = dense.state_dict(), to_dense(model).state_dict()
+    out = {}
+    for name, xs in inputs.items():
+        x = torch.cat(xs).double()
+        err = (x @ ref[f'{name}.weight'].double().T + ref[f'{name}.bias'].double()
+               - x @ conv[f'{name}.weight'].double().T - conv[f'{name}.bias'].double())
+        out[name] = (float(err.norm()), float(err.mean(0).norm()))
+    return out
+
+
+@pytest.mark.parametrize('method', ['svd_llm', 'masa'])
+def test_bias_correction_is_the_better_affine_fit(method, dense, calib):
+    """bias_correction=True: low rank whitened by the centered covariance + the mean output error moved into the
+    bias. On the calibration tokens every layer's mean output error is then 0, and the output error is no larger
+    than without it (the uncorrected fit is one of the affine fits the corrected one optimizes over); the parameter
+    count is the same."""
+    stats = collect_calibration(dense, calib, block_logits=False)
+    if method == 'svd_llm':
+        convert = functools.partial(svd_from_dense, dense, 0.5, stats=stats)
+    else:  # fixed plan (the centered energies could otherwise pick other ranks)
+        convert = functools.partial(from_dense, dense, num_atoms=2, refine_rank=4, stats=stats, refine_iters=0)
+    plain, corrected = convert(), convert(bias_correction=True)
+    assert count_params(corrected)['attention'] == count_params(plain)['attention']
+    assert corrected.conversion_report['method'].endswith('+bias_correction')
+    e_plain, e_corr = _layer_output_errors(plain, dense, calib), _layer_output_errors(corrected, dense, calib)
+    assert len(e_corr) == 2 * VIT['depth']
+    for name, (err, mean_err) in e_corr.items():
+        assert mean_err < 1e-5 * err, name
+        assert err <= e_plain[name][0] * (1 + 1e-6), name
+    assert sum(e for e, _ in e_corr.values()) < 0.995 * sum(e for e, _ in e_plain.values())
+    assert max(m for _, m in e_plain.values()) > 1e-3  # there was a mean error to remove
+    with pytest.raises(ValueError, match='bias_correction=True needs calibration data'):
+        from_dense(dense, num_atoms=2, bias_correction=True)
+    with pytest.raises(ValueError, match='not available with sequential=True'):
+        svd_from_dense(dense, 0.5, calib=calib, sequential=True, bias_correction=True)
+
+
 def test_auto_groups_follow_kl_drift(dense, calib):
     stats = collect_calibration(dense, calib)
     # the last block's state through norm + head is the model output
@@ -473,7 +525,7 @@ def test_cli_converts_and_reports(cli_files):
     out = root / 'out.safetensors'
     rc = main(['vit_tiny_patch16_224', '--checkpoint', str(root / 'dense.safetensors'), '--model-kwargs', *CLI_KW,
                '--attn-compression', '0.3', '--calib-dir', str(root / 'calib'), '--eval-dir', str(root / 'eval'),
-               '--groups', 'auto', '--workers', '0', '--refine-iters', '3', '--output', str(out)])
+               '--groups', 'auto', '--workers', '0', '--refine-iters', '3', '--bias-correction', '--output', str(out)])
     assert rc == 0
     report = json.loads((root / 'out.json').read_text())
     assert (root / 'out.md').read_text().startswith('# MASA conversion report')
@@ -483,7 +535,8 @@ def test_cli_converts_and_reports(cli_files):
     assert report['eval']['data'] == 'held-out' and report['eval']['num_images'] == 10
     assert 0 <= report['eval']['top1'] <= 1
     assert len(report['config']['groups']) == 2
-    assert report['method'] == 'matrix_pca+joint_refine' and report['config']['refine_iters'] == 3
+    assert report['method'] == 'matrix_pca+joint_refine+bias_correction' and report['config']['refine_iters'] == 3
+    assert report['config']['bias_correction'] is True
     model = load_converted(str(out))
     assert count_params(model)['attention'] == report['params']['attention']
     # the saved model is the dense model's conversion: same head, and the per-layer errors of the report
