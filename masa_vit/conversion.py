@@ -217,9 +217,18 @@ def _atom_layers(model: nn.Module) -> List[Tuple[str, AtomLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, AtomLinear)]
 
 
-def _biased_layers(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> List[str]:
-    """Names of the attention layers whose dense version has a bias (the ones bias correction can use)."""
-    return [name for _, name, _, _, _ in _attention_layers(model) if state_dict.get(f'{name}.bias') is not None]
+def _whitening(
+        stats: Optional['CalibrationStats'], damping: float, bias_correction: bool, sequential: bool,
+        dense_state: Mapping[str, torch.Tensor], dense: nn.Module,
+) -> Tuple[Optional[Dict[str, torch.Tensor]], Tuple[str, ...]]:
+    """The Cholesky factors the conversion whitens with (None without data) and the layers it centers: with
+    `bias_correction`, the attention layers whose dense version has a bias (the ones the correction can use)."""
+    if bias_correction and (stats is None or sequential):
+        raise ValueError('bias_correction=True needs calibration data (calib= or stats=) and is not available with '
+                         'sequential=True')
+    centered = tuple(name for _, name, _, _, _ in _attention_layers(dense)
+                     if dense_state.get(f'{name}.bias') is not None) if bias_correction else ()
+    return (stats.cholesky(damping, center=centered) if stats is not None else None), centered
 
 
 @torch.no_grad()
@@ -425,9 +434,10 @@ class CalibrationStats:
         return {k: cholesky_factor(v - torch.outer(self.xsum[k], self.xsum[k]) / self.num_tokens if k in center
                                    else v, damping) for k, v in self.xtx.items()}
 
-    def input_means(self) -> Dict[str, torch.Tensor]:
-        """Layer name -> mean input row mu (float64)."""
-        return {k: v / self.num_tokens for k, v in self.xsum.items()}
+    def input_means(self, names: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+        """Layer name -> mean input row mu (float64), for every layer or the ones in `names`."""
+        names = self.xsum.keys() if names is None else names
+        return {k: self.xsum[k] / self.num_tokens for k in names}
 
 
 def _split_batch(batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -1087,11 +1097,7 @@ def from_dense(
         max_calib_batches = None
     if calib is not None:
         stats = collect_calibration(dense, calib, max_batches=max_calib_batches, block_logits=groups == 'auto')
-    if bias_correction and (stats is None or sequential):
-        raise ValueError('bias_correction=True needs calibration data (calib= or stats=) and is not available with '
-                         'sequential=True')
-    centered = _biased_layers(dense_state, dense) if bias_correction else ()
-    chol = stats.cholesky(damping, center=centered) if stats is not None else None
+    chol, centered = _whitening(stats, damping, bias_correction, sequential, dense_state, dense)
     if refine and chol is None:
         _logger.warning('refine without calibration data: low-rank terms are the plain (unwhitened) truncated SVD')
     if refine_iters < 0:
@@ -1146,8 +1152,8 @@ def from_dense(
         if joint is not None:
             _load_joint(state, model, joint, kinds)
         model.load_state_dict(state, strict=True)
-        if bias_correction:
-            correct_biases(model, dense_state, {k: v for k, v in stats.input_means().items() if k in centered})
+        if centered:
+            correct_biases(model, dense_state, stats.input_means(centered))
         return model.to(device=device, dtype=dtype), masa_kwargs, ranks
 
     judge = None
@@ -1320,18 +1326,14 @@ def svd_from_dense(
         max_calib_batches = None
     if stats is None and calib is not None:
         stats = collect_calibration(dense, calib, max_batches=max_calib_batches, block_logits=False)
-    if bias_correction and (stats is None or sequential):
-        raise ValueError('bias_correction=True needs calibration data (calib= or stats=) and is not available with '
-                         'sequential=True')
     p = next(dense.parameters())
     dense_state = {k: v.detach().cpu() for k, v in dense.state_dict().items()}
-    centered = _biased_layers(dense_state, dense) if bias_correction else ()
-    chol = stats.cholesky(damping, center=centered) if stats is not None else None
+    chol, centered = _whitening(stats, damping, bias_correction, sequential, dense_state, dense)
     model = _build_masa(vit_kwargs_from_dense(dense), dict(sharing='low_rank', rank=rank, share=share))
     _check_same_architecture(dense, model)
     model.load_state_dict(convert_state_dict(dense_state, model, whitening=chol), strict=True)
-    if bias_correction:
-        correct_biases(model, dense_state, {k: v for k, v in stats.input_means().items() if k in centered})
+    if centered:
+        correct_biases(model, dense_state, stats.input_means(centered))
     model.pretrained_cfg = copy.deepcopy(getattr(dense, 'pretrained_cfg', {}))
     model = model.to(device=p.device, dtype=p.dtype).train(dense.training)
     seq = sequential_refit(dense, model, calib, target=sequential_target, damping=damping) if sequential else None
