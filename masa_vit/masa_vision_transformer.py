@@ -43,7 +43,10 @@ from . import dictionary as _dictionary
 from .attention import AtomLinear, GroupedQueryAttention, _is_tracing
 from .dictionary import AtomDictionary, COEF_MODES
 
-__all__ = ['MasaVisionTransformer', 'SharedWeightBlocks', 'to_dense', 'count_params', 'coefficient_matrices', 'checkpoint_filter_fn']
+__all__ = [
+    'MasaVisionTransformer', 'SharedWeightBlocks', 'to_dense', 'count_params', 'coefficient_matrices',
+    'checkpoint_filter_fn',
+]
 
 _logger = logging.getLogger(__name__)
 

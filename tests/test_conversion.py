@@ -332,7 +332,7 @@ def _layer_output_errors(model, dense, calib):
         for lname in ('qkv', 'proj'):
             name = f'blocks.{i}.attn.{lname}'
             handles.append(getattr(blk.attn, lname).register_forward_pre_hook(
-                lambda mod, args, name=name: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))
+                lambda mod, args, name=name: inputs.setdefault(name, []).append(args[0].flatten(0, -2))))
     with torch.no_grad():
         for x, _ in calib:
             dense(x)
