@@ -15,8 +15,9 @@ then converts it at several attention compression ratios with:
     * , sequential       whitened SVD / Matrix PCA + refine / joint refine, then each block's low-rank terms (and
                          coefficients) refitted in order on the converted model's own activations, towards the dense
                          outputs (or, 'input target', towards the dense weight on the converted inputs)
-    * , bias-corrected   whitened SVD / Matrix PCA + refine fitted on the centered input covariance, with each
-                         layer's mean output error moved into its bias (rows svd_llm_bc, mpca_refine_bc)
+    * , bias-corrected   whitened SVD / Matrix PCA + refine / joint refine (S by calib KL) fitted on the centered
+                         input covariance, with each layer's mean output error moved into its bias (rows svd_llm_bc,
+                         mpca_refine_bc, joint_kl_bc)
 
 and reports top-1, agreement with the dense model, mean KL(dense || converted) on held-out images, and attention
 parameters. Prints a markdown table and writes JSON.
@@ -73,7 +74,7 @@ DIGITS_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=4
 ROW_KEYS = (
     'svd', 'svd_llm', 'svd_llm_roles', 'svd_llm_seq', 'svd_llm_seq_input', 'mpca', 'mpca_refine', 'mpca_refine_auto',
     'mpca_refine_seq', 'mpca_refine_seq_input', 'joint_objective', 'joint_kl', 'joint_bcd', 'joint_seq', 'joint_rounds',
-    'svd_llm_bc', 'mpca_refine_bc',
+    'svd_llm_bc', 'mpca_refine_bc', 'joint_kl_bc',
 )
 
 
@@ -579,6 +580,9 @@ def main(argv=None):
                 lambda: from_dense(dense, budget, stats=stats, refine=True, refine_iters=it, select='objective'))
         if 'joint_kl' in rows:
             run(joint, budget, lambda: from_dense(dense, budget, calib=calib, refine_iters=it, select='calib_kl'))
+        if 'joint_kl_bc' in rows:
+            run(f'{joint}, bias-corrected', budget,
+                lambda: from_dense(dense, budget, calib=calib, refine_iters=it, select='calib_kl', bias_correction=True))
         if 'joint_bcd' in rows:
             run(f'Matrix PCA + joint refine (BCD {sweeps} sweeps, S by calib KL)', budget,
                 lambda: from_dense(dense, budget, calib=calib, refine_iters=sweeps, refine_method='bcd',
