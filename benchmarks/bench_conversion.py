@@ -17,7 +17,8 @@ then converts it at several attention compression ratios with:
                          outputs (or, 'input target', towards the dense weight on the converted inputs)
     * , bias-corrected   whitened SVD / Matrix PCA + refine / joint refine (S by calib KL) fitted on the centered
                          input covariance, with each layer's mean output error moved into its bias (rows svd_llm_bc,
-                         mpca_refine_bc, joint_kl_bc)
+                         mpca_refine_bc, joint_kl_bc; with sequential calibration: svd_llm_seq_bc,
+                         mpca_refine_seq_bc)
 
 and reports top-1, agreement with the dense model, mean KL(dense || converted) on held-out images, and attention
 parameters. Prints a markdown table and writes JSON.
@@ -74,7 +75,7 @@ DIGITS_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=4
 ROW_KEYS = (
     'svd', 'svd_llm', 'svd_llm_roles', 'svd_llm_seq', 'svd_llm_seq_input', 'mpca', 'mpca_refine', 'mpca_refine_auto',
     'mpca_refine_seq', 'mpca_refine_seq_input', 'joint_objective', 'joint_kl', 'joint_bcd', 'joint_seq', 'joint_rounds',
-    'svd_llm_bc', 'mpca_refine_bc', 'joint_kl_bc',
+    'svd_llm_bc', 'mpca_refine_bc', 'joint_kl_bc', 'svd_llm_seq_bc', 'mpca_refine_seq_bc',
 )
 
 
@@ -597,6 +598,13 @@ def main(argv=None):
                 run(f'Matrix PCA + refine, {tag}', budget,
                     lambda: from_dense(dense, budget, calib=calib, refine=True, refine_iters=0, sequential=True,
                                        sequential_target=target))
+        if svd_ok and 'svd_llm_seq_bc' in rows:
+            run('whitened SVD (SVD-LLM), sequential, bias-corrected', budget,
+                lambda: svd_from_dense(dense, budget, calib=calib, sequential=True, bias_correction=True))
+        if 'mpca_refine_seq_bc' in rows:
+            run('Matrix PCA + refine, sequential, bias-corrected', budget,
+                lambda: from_dense(dense, budget, calib=calib, refine=True, refine_iters=0, sequential=True,
+                                   bias_correction=True))
         if 'joint_seq' in rows:
             run(f'{joint}, sequential', budget,
                 lambda: from_dense(dense, budget, calib=calib, refine_iters=it, select='calib_kl', sequential=True))

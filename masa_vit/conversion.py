@@ -218,14 +218,13 @@ def _atom_layers(model: nn.Module) -> List[Tuple[str, AtomLinear]]:
 
 
 def _whitening(
-        stats: Optional['CalibrationStats'], damping: float, bias_correction: bool, sequential: bool,
+        stats: Optional['CalibrationStats'], damping: float, bias_correction: bool,
         dense_state: Mapping[str, torch.Tensor], dense: nn.Module,
 ) -> Tuple[Optional[Dict[str, torch.Tensor]], Tuple[str, ...]]:
     """The Cholesky factors the conversion whitens with (None without data) and the layers it centers: with
     `bias_correction`, the attention layers whose dense version has a bias (the ones the correction can use)."""
-    if bias_correction and (stats is None or sequential):
-        raise ValueError('bias_correction=True needs calibration data (calib= or stats=) and is not available with '
-                         'sequential=True')
+    if bias_correction and stats is None:
+        raise ValueError('bias_correction=True needs calibration data (calib= or stats=)')
     centered = tuple(name for _, name, _, _, _ in _attention_layers(dense)
                      if dense_state.get(f'{name}.bias') is not None) if bias_correction else ()
     return (stats.cholesky(damping, center=centered) if stats is not None else None), centered
@@ -583,9 +582,12 @@ class _StopForward(Exception):
 @torch.no_grad()
 def _layer_input_stats(
         dense: nn.Module, model: nn.Module, name: str, batches: Sequence[torch.Tensor], cross: bool,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        center: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], int, torch.Tensor, Optional[torch.Tensor]]:
     """Xc^T Xc of the input of layer `name` in `model` and, when `cross`, X^T Xc with X the same layer's input in
-    `dense` on the same tokens (float64, CPU), and the token count. Both forwards stop at the layer."""
+    `dense` on the same tokens (float64, CPU), the token count, and the mean input rows of Xc and (when `cross`) X.
+    With `center`, the two products are of the centered inputs (Xc - 1 mu_c^T, X - 1 mu^T). Both forwards stop at
+    the layer."""
     dense_layer = dense.get_submodule(name)
     layer = model.get_submodule(name)
     seen: Dict[str, torch.Tensor] = {}
@@ -596,7 +598,7 @@ def _layer_input_stats(
             raise _StopForward
         return hook
 
-    xtx = xcross = None
+    xtx = xcross = xsum = dsum = None
     tokens = 0
     handles = [layer.register_forward_pre_hook(grab('c'))]
     if cross:
@@ -612,21 +614,29 @@ def _layer_input_stats(
                     pass
             xc = seen['c']
             xtx = xc.T @ xc if xtx is None else xtx + xc.T @ xc
+            xsum = xc.sum(0) if xsum is None else xsum + xc.sum(0)
             if cross:
                 a = seen['d'].T @ xc
                 xcross = a if xcross is None else xcross + a
+                dsum = seen['d'].sum(0) if dsum is None else dsum + seen['d'].sum(0)
             tokens += xc.shape[0]
     finally:
         for h in handles:
             h.remove()
-    return xtx, xcross, tokens
+    mean = xsum / tokens
+    dmean = dsum / tokens if cross else None
+    if center:
+        xtx = xtx - tokens * torch.outer(mean, mean)
+        if cross:
+            xcross = xcross - tokens * torch.outer(dmean, mean)
+    return xtx, xcross, tokens, mean, dmean
 
 
 @torch.no_grad()
 def _sequential_atom_rounds(
         dense: nn.Module, model: MasaVisionTransformer, calib: Sequence, dense_logits: torch.Tensor, rounds: int,
         bounds, kinds, common: bool, atoms_per_group, ranks, iters: int, method: str, target: str, sweeps: int,
-        damping: float,
+        damping: float, bias_correction: bool = False,
 ) -> List[Dict[str, Any]]:
     """Refit the shared atoms on sequential statistics, guarded by the calibration KL (see `from_dense`)."""
     batches = [x for x, _ in _iter_batches(calib)]
@@ -641,7 +651,8 @@ def _sequential_atom_rounds(
     for r in range(1, rounds + 1):
         weights, chol = {}, {}
         for i, name, _, _, part_kinds in _attention_layers(model):
-            xtx, cross, _ = _layer_input_stats(dense, model, name, batches, target == 'dense')
+            center = bias_correction and dense_state.get(f'{name}.bias') is not None
+            xtx, cross, _, _, _ = _layer_input_stats(dense, model, name, batches, target == 'dense', center)
             chol[name] = cholesky_factor(xtx, damping)
             for k in part_kinds:
                 weights[(i, k)] = (error_correcting_target(dense_w[(i, k)], cross, chol[name]) if cross is not None
@@ -651,7 +662,8 @@ def _sequential_atom_rounds(
         state = dict(saved)
         _load_joint(state, model, joint, kinds)
         model.load_state_dict(state)
-        sequential_refit(dense, model, calib, target=target, sweeps=sweeps, damping=damping)
+        sequential_refit(dense, model, calib, target=target, sweeps=sweeps, damping=damping,
+                         bias_correction=bias_correction)
         kl = calib_kl()
         best = min(h['calib_kl'] for h in history)
         history.append(dict(round=r, calib_kl=kl, kept=kl < best))
@@ -671,13 +683,15 @@ def sequential_refit(
         sweeps: int = 10,
         damping: float = 1e-2,
         max_calib_batches: Optional[int] = None,
+        bias_correction: bool = False,
 ) -> Dict[str, Any]:
     """Refit each block's low-rank terms (and its coefficients) on the converted model's own activations, in order.
 
     For block b = 0, 1, ...: the calibration images run through `model`, whose blocks < b are already refitted,
     up to block b's `attn.qkv`; its input statistics give the whitening of Q, K and V, whose coefficients (atoms
     fixed: they are shared by blocks before and after) and low-rank terms are refitted (`refit_coef_lowrank`); then
-    the same for `attn.proj` with the refitted Q/K/V in place. Parts without a low-rank term are left as they are.
+    the same for `attn.proj` with the refitted Q/K/V in place. Parts without a low-rank term are left as they are
+    (with `bias_correction`, their layer's bias is still set).
 
     Args:
         dense_model: The dense ViT `model` was converted from (same layer names).
@@ -687,6 +701,10 @@ def sequential_refit(
             cross-correlation X^T Xc); 'input': fit W on the converted inputs (whiten with Xc^T Xc, target W).
         sweeps: Coefficient / low-rank alternations per layer (`refit_coef_lowrank`).
         damping: Cholesky damping of Xc^T Xc when needed.
+        bias_correction: The affine fit: refit on the centered inputs, then set each layer's bias so that its mean
+            output on the calibration tokens is the target's: b' = b + W mu - W^ mu_c ('dense' target; mu, mu_c the
+            mean dense and converted inputs) or b + (W - W^) mu_c ('input'). Layers without a bias are fitted as
+            without it.
 
     Returns:
         Per layer the whitened objective relative to the target's whitened energy, before and after the refit.
@@ -706,12 +724,17 @@ def sequential_refit(
     rows = []
     try:
         for i, name, lname, layer, kinds in _attention_layers(model):
-            if not isinstance(layer, AtomLinear) or not layer.lowrank_ranks:
+            refit = isinstance(layer, AtomLinear) and bool(layer.lowrank_ranks)
+            dense_bias = dense_state.get(f'{name}.bias')
+            # with bias_correction every layer with a bias gets the affine bias, refitted or not
+            center = bias_correction and dense_bias is not None and getattr(layer, 'bias', None) is not None
+            if not (refit or center):
                 continue
-            xtx, cross, tokens = _layer_input_stats(dense, model, name, batches, target == 'dense')
-            chol = cholesky_factor(xtx, damping)
-            d = layer.dictionary
-            for p, base in zip(layer.parts, layer.bases):
+            xtx, cross, tokens, mean_c, mean_d = _layer_input_stats(dense, model, name, batches, target == 'dense',
+                                                                    center)
+            chol = cholesky_factor(xtx, damping) if refit else None
+            d = layer.dictionary if refit else None
+            for p, base in zip(layer.parts, layer.bases) if refit else ():
                 rank = layer.lowrank_ranks.get(p)
                 if not rank or base == 'own':
                     continue
@@ -737,13 +760,19 @@ def sequential_refit(
                 layer.lowrank[f'{p}_u'].copy_(u.to(layer.lowrank[f'{p}_u']))
                 layer.lowrank[f'{p}_v'].copy_(v.to(layer.lowrank[f'{p}_v']))
                 rows.append(dict(block=i, proj=p, tokens=tokens, before=before, after=after))
+            if center:
+                w = dense_state[f'{name}.weight'].to(torch.float64)
+                w_hat = (layer.composed_weight() if isinstance(layer, AtomLinear) else layer.weight).detach().to(
+                    'cpu', torch.float64)
+                mu = mean_d if mean_d is not None else mean_c
+                layer.bias.copy_((dense_bias.to(torch.float64) + w @ mu - w_hat @ mean_c).to(layer.bias))
     finally:
         dense.train(was_training[0])
         model.train(was_training[1])
     _logger.info('sequential refit (%s target): %d layers, mean relative whitened error %.3g -> %.3g', target,
                  len(rows), sum(r['before'] for r in rows) / max(len(rows), 1),
                  sum(r['after'] for r in rows) / max(len(rows), 1))
-    return dict(target=target, sweeps=sweeps, layers=rows)
+    return dict(target=target, sweeps=sweeps, bias_correction=bias_correction, layers=rows)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1062,8 +1091,8 @@ def from_dense(
             Needs `sequential` and `refine_iters`.
         bias_correction: Fit the low-rank terms (and joint refinement) on the *centered* input covariance of each
             attention layer that has a bias, and move the mean output error into that bias (`correct_biases`):
-            the optimal affine fit instead of the linear one, at no parameter cost. Needs calibration data; not
-            with `sequential`.
+            the optimal affine fit instead of the linear one, at no parameter cost. Needs calibration data. With
+            `sequential`, the sequential refit is the affine one too (`sequential_refit(bias_correction=True)`).
     """
     t0 = time.perf_counter()
     dense = _check_dense_vit(dense_model)
@@ -1097,7 +1126,7 @@ def from_dense(
         max_calib_batches = None
     if calib is not None:
         stats = collect_calibration(dense, calib, max_batches=max_calib_batches, block_logits=groups == 'auto')
-    chol, centered = _whitening(stats, damping, bias_correction, sequential, dense_state, dense)
+    chol, centered = _whitening(stats, damping, bias_correction, dense_state, dense)
     if refine and chol is None:
         _logger.warning('refine without calibration data: low-rank terms are the plain (unwhitened) truncated SVD')
     if refine_iters < 0:
@@ -1178,11 +1207,12 @@ def from_dense(
         if not ranks:
             raise ValueError('sequential=True needs refinement terms (the plan allocated no refinement rank)')
         seq = sequential_refit(dense, model, calib, target=sequential_target, sweeps=sequential_sweeps,
-                               damping=damping)
+                               damping=damping, bias_correction=bias_correction)
         if sequential_atom_rounds:
             seq['atom_rounds'] = _sequential_atom_rounds(
                 dense, model, calib, stats.logits, sequential_atom_rounds, bounds, kinds, dictionary == 'common',
-                plan['num_atoms'], ranks, refine_iters, refine_method, sequential_target, sequential_sweeps, damping)
+                plan['num_atoms'], ranks, refine_iters, refine_method, sequential_target, sequential_sweeps, damping,
+                bias_correction)
     model.pretrained_cfg = copy.deepcopy(getattr(dense, 'pretrained_cfg', {}))
     model = model.train(dense.training)
     t_convert = time.perf_counter()
@@ -1309,8 +1339,9 @@ def svd_from_dense(
     of SVD-LLM (Wang et al. 2024, https://arxiv.org/abs/2403.07378). Returns a `MasaVisionTransformer` with
     sharing='low_rank' (so `count_params` counts it like MASA) and the report as `model.conversion_report`.
     `sequential=True` (needs `calib` images) then refits the factors block by block on the converted model's own
-    activations (`sequential_refit`, the same option as `from_dense`'s). `bias_correction=True` (with data, not
-    sequential): the centered whitened SVD plus the mean output error moved into each bias, as in `from_dense`.
+    activations (`sequential_refit`, the same option as `from_dense`'s). `bias_correction=True` (with data): the
+    centered whitened SVD plus the mean output error moved into each bias (and the affine sequential refit), as in
+    `from_dense`.
     """
     dense = _check_dense_vit(dense_model)
     if rank is None:
@@ -1328,7 +1359,7 @@ def svd_from_dense(
         stats = collect_calibration(dense, calib, max_batches=max_calib_batches, block_logits=False)
     p = next(dense.parameters())
     dense_state = {k: v.detach().cpu() for k, v in dense.state_dict().items()}
-    chol, centered = _whitening(stats, damping, bias_correction, sequential, dense_state, dense)
+    chol, centered = _whitening(stats, damping, bias_correction, dense_state, dense)
     model = _build_masa(vit_kwargs_from_dense(dense), dict(sharing='low_rank', rank=rank, share=share))
     _check_same_architecture(dense, model)
     model.load_state_dict(convert_state_dict(dense_state, model, whitening=chol), strict=True)
@@ -1336,7 +1367,8 @@ def svd_from_dense(
         correct_biases(model, dense_state, stats.input_means(centered))
     model.pretrained_cfg = copy.deepcopy(getattr(dense, 'pretrained_cfg', {}))
     model = model.to(device=p.device, dtype=p.dtype).train(dense.training)
-    seq = sequential_refit(dense, model, calib, target=sequential_target, damping=damping) if sequential else None
+    seq = (sequential_refit(dense, model, calib, target=sequential_target, damping=damping,
+                            bias_correction=bias_correction) if sequential else None)
     counts, dense_counts = count_params(model), count_params(dense)
     model.conversion_report = dict(
         method=(('whitened_svd' if chol is not None else 'truncated_svd') + ('+sequential' if seq else '')

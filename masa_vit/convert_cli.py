@@ -68,7 +68,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         'statistics, each kept only when it lowers the calibration KL')
     p.add_argument('--bias-correction', action='store_true',
                    help='fit on the centered input covariance and move each layer\'s mean output error into its '
-                        'bias (the affine fit; no extra parameters; not with --sequential)')
+                        'bias (the affine fit; no extra parameters; with --sequential the refit is affine too)')
     p.add_argument('--calib-dir', help='calibration image folder (any layout; images are found recursively)')
     p.add_argument('--calib-images', type=int, default=256, help='calibration images to use')
     p.add_argument('--eval-dir', help='held-out image folder with one sub-folder per class, in the model class order')

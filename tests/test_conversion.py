@@ -302,6 +302,13 @@ def test_sequential_atom_rounds_are_guarded_by_calibration_kl(dense, calib):
     assert count_params(m)['attention'] <= m.conversion_report['params']['attention_budget']
     x = _images(8)
     assert torch.allclose(m(x), to_dense(m)(x), atol=1e-5)
+    # with bias correction the rounds refit on centered statistics and keep the affine biases
+    m = from_dense(dense, 0.5, calib=calib, refine_iters=20, select='objective', sequential=True,
+                   sequential_atom_rounds=1, bias_correction=True)
+    rounds = m.conversion_report['sequential']['atom_rounds']
+    assert evaluate_agreement(dense, m, calib)['mean_kl'] == pytest.approx(min(r['calib_kl'] for r in rounds),
+                                                                           rel=1e-6)
+    assert max(me / e for e, me in _sequential_layer_errors(m, dense, calib).values()) < 1e-5
 
 
 def test_whitened_refinement_beats_plain_svd_refinement_on_layer_outputs(dense, calib):
@@ -371,8 +378,64 @@ def test_bias_correction_is_the_better_affine_fit(method, dense, calib):
     assert max(m for _, m in e_plain.values()) > 1e-3  # there was a mean error to remove
     with pytest.raises(ValueError, match='bias_correction=True needs calibration data'):
         from_dense(dense, num_atoms=2, bias_correction=True)
-    with pytest.raises(ValueError, match='not available with sequential=True'):
-        svd_from_dense(dense, 0.5, calib=calib, sequential=True, bias_correction=True)
+
+
+def _sequential_layer_errors(model, dense, calib):
+    """Per attention layer: (||dense out - converted out||_F, norm of the mean error over tokens), each model on its
+    own inputs to the layer (what the sequential refit fits)."""
+    seen = {}
+
+    def grab(tag, mod, name):
+        return mod.register_forward_pre_hook(
+            lambda m, args: seen.setdefault((tag, name), []).append(args[0].flatten(0, -2).double()))
+
+    handles = [grab(tag, getattr(blk.attn, lname), f'blocks.{i}.attn.{lname}')
+               for tag, m in (('d', dense), ('c', model)) for i, blk in enumerate(m.blocks) for lname in ('qkv', 'proj')]
+    with torch.no_grad():
+        for x, _ in calib:
+            dense(x), model(x)
+    for h in handles:
+        h.remove()
+    ref, conv = dense.state_dict(), to_dense(model).state_dict()
+    out = {}
+    for (tag, name), xs in seen.items():
+        if tag != 'd':
+            continue
+        x, xc = torch.cat(xs), torch.cat(seen[('c', name)])
+        err = (x @ ref[f'{name}.weight'].double().T + ref[f'{name}.bias'].double()
+               - xc @ conv[f'{name}.weight'].double().T - conv[f'{name}.bias'].double())
+        out[name] = (float(err.norm()), float(err.mean(0).norm()))
+    return out
+
+
+@pytest.mark.parametrize('method', ['svd_llm', 'masa', 'masa_budget'])
+def test_sequential_bias_correction_is_affine(method, dense, calib):
+    """sequential=True with bias_correction=True: each block is refitted on the centered converted inputs and its
+    bias set so that, on the calibration tokens, every layer's mean output (from the converted model's own inputs)
+    equals the dense layer's, also in layers without a low-rank term (the 50% plan gives O none); the first layer
+    (same inputs in both models) fits no worse than without it; parameter count unchanged."""
+    if method == 'svd_llm':
+        convert = functools.partial(svd_from_dense, dense, 0.5, calib=calib, sequential=True)
+    elif method == 'masa':
+        convert = functools.partial(from_dense, dense, num_atoms=2, refine_rank=4, calib=calib, sequential=True)
+    else:
+        convert = functools.partial(from_dense, dense, 0.5, calib=calib, sequential=True)
+    plain, corrected = convert(), convert(bias_correction=True)
+    assert count_params(corrected)['attention'] == count_params(plain)['attention']
+    report = corrected.conversion_report
+    assert '+sequential' in report['method'] and report['method'].endswith('+bias_correction')
+    assert report['sequential']['bias_correction'] is True
+    if method == 'masa_budget':
+        assert 'o' not in corrected.masa_kwargs['refine_rank']
+    e_plain, e_corr = (_sequential_layer_errors(m, dense, calib) for m in (plain, corrected))
+    assert len(e_corr) == 2 * VIT['depth']
+    for name, (err, mean_err) in e_corr.items():
+        assert mean_err < 1e-5 * err, name
+    assert max(m for _, m in e_plain.values()) > 1e-3  # without it there is a mean error
+    first = 'blocks.0.attn.qkv'
+    assert e_corr[first][0] <= e_plain[first][0] * (1 + 1e-6)
+    x = _images(8)
+    assert torch.allclose(corrected(x), to_dense(corrected)(x), atol=1e-5)
 
 
 def test_auto_groups_follow_kl_drift(dense, calib):
