@@ -33,6 +33,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -1507,7 +1508,8 @@ _CFG_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'num_clas
 
 def save_converted(model: MasaVisionTransformer, path: str, **source: Any) -> None:
     """Save a converted model as safetensors, with what `load_converted` needs to rebuild it in the metadata
-    (the ViT and MASA constructor options, the data config, and any `source` notes)."""
+    (the ViT and MASA constructor options, the data config, and any `source` notes). Atomic: written to
+    `path.tmp`, fsynced, then renamed over `path`, so an interrupted save leaves an existing file as it was."""
     from safetensors.torch import save_file
     model = _unwrap(model)
     cfg = {k: v for k, v in (getattr(model, 'pretrained_cfg', None) or {}).items() if k in _CFG_KEYS}
@@ -1519,7 +1521,15 @@ def save_converted(model: MasaVisionTransformer, path: str, **source: Any) -> No
         'source': json.dumps(_to_json(source), default=str),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, path, metadata=metadata)
+    tmp_path = path + '.tmp'
+    try:
+        save_file(state, tmp_path, metadata=metadata)
+        with open(tmp_path, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
 
 
 def load_converted(path: str, device: Union[str, torch.device] = 'cpu') -> MasaVisionTransformer:

@@ -2,6 +2,7 @@
 import functools
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -522,6 +523,19 @@ def test_save_and_load_converted(tmp_path, dense, calib):
     back = load_converted(path)
     x = _images(4)
     assert torch.allclose(back(x), model.eval()(x), atol=1e-6)
+    # atomic: a save that fails midway leaves the file already there as it was, and no temporary file
+    before = (tmp_path / 'm.safetensors').read_bytes()
+    import safetensors.torch
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, 'wb') as f:
+            f.write(b'partial')
+        raise OSError('disk full')
+
+    with mock.patch.object(safetensors.torch, 'save_file', broken), pytest.raises(OSError, match='disk full'):
+        save_converted(from_dense(dense, num_atoms=2), path)
+    assert (tmp_path / 'm.safetensors').read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['m.safetensors']
 
 
 def test_kwargs_inference_variants():
