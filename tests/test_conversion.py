@@ -309,7 +309,7 @@ def test_sequential_atom_rounds_are_guarded_by_calibration_kl(dense, calib):
     rounds = m.conversion_report['sequential']['atom_rounds']
     assert evaluate_agreement(dense, m, calib)['mean_kl'] == pytest.approx(min(r['calib_kl'] for r in rounds),
                                                                            rel=1e-6)
-    assert max(me / e for e, me in _sequential_layer_errors(m, dense, calib).values()) < 1e-5
+    assert max(me / e for e, me in _layer_output_errors(m, dense, calib, own_inputs=True).values()) < 1e-5
 
 
 def test_whitened_refinement_beats_plain_svd_refinement_on_layer_outputs(dense, calib):
@@ -332,26 +332,34 @@ def test_whitened_refinement_beats_plain_svd_refinement_on_layer_outputs(dense, 
             assert errs[0] < errs[1]
 
 
-def _layer_output_errors(model, dense, calib):
-    """Per attention layer, on the dense model's own inputs to it: (||dense out - converted out||_F, norm of the mean
-    error over tokens); converted out from the exported dense weights and biases of `model`."""
-    inputs, handles = {}, []
-    for i, blk in enumerate(dense.blocks):
-        for lname in ('qkv', 'proj'):
-            name = f'blocks.{i}.attn.{lname}'
-            handles.append(getattr(blk.attn, lname).register_forward_pre_hook(
-                lambda mod, args, name=name: inputs.setdefault(name, []).append(args[0].flatten(0, -2))))
+def _layer_output_errors(model, dense, calib, own_inputs=False):
+    """Per attention layer: (||dense out - converted out||_F, norm of the mean error over tokens), converted out
+    from the exported dense weights and biases of `model`, on the dense model's inputs to the layer or, with
+    `own_inputs`, on `model`'s own inputs to it (what the sequential refit fits)."""
+    seen = {}
+    tagged = (('d', dense), ('c', model)) if own_inputs else (('d', dense),)
+
+    def grab(mod, args, key):
+        seen.setdefault(key, []).append(args[0].flatten(0, -2))
+
+    handles = [getattr(blk.attn, lname).register_forward_pre_hook(
+        functools.partial(grab, key=(tag, f'blocks.{i}.attn.{lname}')))
+        for tag, m in tagged for i, blk in enumerate(m.blocks) for lname in ('qkv', 'proj')]
     with torch.no_grad():
         for x, _ in calib:
-            dense(x)
+            for _, m in tagged:
+                m(x)
     for h in handles:
         h.remove()
     ref, conv = dense.state_dict(), to_dense(model).state_dict()
     out = {}
-    for name, xs in inputs.items():
+    for (tag, name), xs in seen.items():
+        if tag != 'd':
+            continue
         x = torch.cat(xs).double()
+        xc = torch.cat(seen[('c', name)]).double() if own_inputs else x
         err = (x @ ref[f'{name}.weight'].double().T + ref[f'{name}.bias'].double()
-               - x @ conv[f'{name}.weight'].double().T - conv[f'{name}.bias'].double())
+               - xc @ conv[f'{name}.weight'].double().T - conv[f'{name}.bias'].double())
         out[name] = (float(err.norm()), float(err.mean(0).norm()))
     return out
 
@@ -381,34 +389,6 @@ def test_bias_correction_is_the_better_affine_fit(method, dense, calib):
         from_dense(dense, num_atoms=2, bias_correction=True)
 
 
-def _sequential_layer_errors(model, dense, calib):
-    """Per attention layer: (||dense out - converted out||_F, norm of the mean error over tokens), each model on its
-    own inputs to the layer (what the sequential refit fits)."""
-    seen = {}
-
-    def grab(tag, mod, name):
-        return mod.register_forward_pre_hook(
-            lambda m, args: seen.setdefault((tag, name), []).append(args[0].flatten(0, -2).double()))
-
-    handles = [grab(tag, getattr(blk.attn, lname), f'blocks.{i}.attn.{lname}')
-               for tag, m in (('d', dense), ('c', model)) for i, blk in enumerate(m.blocks) for lname in ('qkv', 'proj')]
-    with torch.no_grad():
-        for x, _ in calib:
-            dense(x), model(x)
-    for h in handles:
-        h.remove()
-    ref, conv = dense.state_dict(), to_dense(model).state_dict()
-    out = {}
-    for (tag, name), xs in seen.items():
-        if tag != 'd':
-            continue
-        x, xc = torch.cat(xs), torch.cat(seen[('c', name)])
-        err = (x @ ref[f'{name}.weight'].double().T + ref[f'{name}.bias'].double()
-               - xc @ conv[f'{name}.weight'].double().T - conv[f'{name}.bias'].double())
-        out[name] = (float(err.norm()), float(err.mean(0).norm()))
-    return out
-
-
 @pytest.mark.parametrize('method', ['svd_llm', 'masa', 'masa_budget'])
 def test_sequential_bias_correction_is_affine(method, dense, calib):
     """sequential=True with bias_correction=True: each block is refitted on the centered converted inputs and its
@@ -428,7 +408,7 @@ def test_sequential_bias_correction_is_affine(method, dense, calib):
     assert report['sequential']['bias_correction'] is True
     if method == 'masa_budget':
         assert 'o' not in corrected.masa_kwargs['refine_rank']
-    e_plain, e_corr = (_sequential_layer_errors(m, dense, calib) for m in (plain, corrected))
+    e_plain, e_corr = (_layer_output_errors(m, dense, calib, own_inputs=True) for m in (plain, corrected))
     assert len(e_corr) == 2 * VIT['depth']
     for name, (err, mean_err) in e_corr.items():
         assert mean_err < 1e-5 * err, name
