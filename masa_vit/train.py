@@ -739,11 +739,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     message; the checkpoints already written stay as they are.
     """
     _setup_logging()
+    owns_process_group = not (dist.is_available() and dist.is_initialized())
     try:
-        return _main(argv)
+        result = _main(argv)
     except (TrainError, DataError, CheckpointError, BadImageError) as e:
         _logger.error(str(e))
         raise SystemExit(f'error: {e}') from e
+    # A process that exits with its gloo/NCCL group alive can abort in the group's destructor at interpreter exit
+    # ("terminate called without an active exception", SIGABRT) after a run that went well. Only on success: after a
+    # rank-local error the peers may still sit in a collective, and torchrun ends them.
+    if owns_process_group and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        _logger.info('Distributed process group closed.')
+    return result
 
 
 def validate_main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

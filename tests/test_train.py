@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.distributed as dist
 import yaml
 from PIL import Image
 
@@ -184,11 +185,21 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'distributed mode with 2 processes (gloo)' in proc.stderr
+    assert 'Distributed process group closed.' in proc.stderr  # not left to a destructor at exit (SIGABRT in gloo)
     one = torch.load(tmp_path / 'one' / 'last.pth.tar', weights_only=True)['state_dict']
     two = torch.load(tmp_path / 'two' / 'last.pth.tar', weights_only=True)['state_dict']
     assert one.keys() == two.keys()
     torch.testing.assert_close(two, one, rtol=0, atol=1e-5)
     assert len(read_summary(tmp_path / 'two' / 'summary.csv')) == 1  # written once, by rank 0
+
+
+def test_a_process_group_made_by_the_caller_stays_open(tmp_path):
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        main(tiny_argv(tmp_path / 'run', '--no-tensorboard', epochs=1))
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
 
 
 def _image_folder(root, classes=3, per_class=8, broken=False):
